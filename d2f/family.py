@@ -1,0 +1,251 @@
+"""Model families: everything that differs between LLaDA and Dream, in one place.
+
+A dLLM family is an original checkpoint format (its `config.json` fields and weight names) laid onto a
+stock transformers architecture run without a causal mask:
+
+* LLaDA (`model_type "llada"`) -> `LlamaForCausalLM`, weights renamed `model.transformer.*` <-> `model.*`.
+* Dream (`model_type "Dream"`) -> `Qwen2ForCausalLM`, weight names already identical.
+
+`FamilySpec` knows the format (config conversion, weight renames); `Family` holds the facts a loaded
+model needs at run time (mask id, end ids, shifted logits, LoRA targets, chat template use). No other
+module asks "is this LLaDA?": it asks `family_of(model)`. A new family is one new `FamilySpec`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+
+
+@dataclass(frozen=True)
+class Family:
+    """Run-time facts of a loaded dLLM, read from its `config.json` and tokenizer."""
+
+    name: str  # family name, e.g. "llada" or "dream"
+    mask_token_id: int  # the [MASK] token that marks undecoded positions
+    end_token_ids: tuple[int, ...]  # generation stops at the first of these
+    answer_end_token_id: int  # appended to training answers (LLaDA <|eot_id|>, Dream eos)
+    pad_token_id: int  # right-padding of training answers
+    bos_token_id: int | None  # beginning of sequence, if the family has one
+    shift_logits: bool  # True: logits at position i-1 predict token i (Dream)
+    lora_target_modules: tuple[str, ...]  # attention projections, transformers module names
+    use_chat_template: bool  # whether prompts go through the chat template by default
+    original_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+class FamilySpec:
+    """A checkpoint format: how its config and weight names map onto a transformers model."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # regex on original key -> replacement giving the transformers key (applied in order)
+    key_mapping: dict[str, str] = {}
+    # original module name -> transformers module name (for LoRA target_modules)
+    module_renames: dict[str, str] = {}
+    shift_logits: bool = False
+    use_chat_template: bool = False
+    # tokenizer class used when `tokenizer_config.json` names a remote-code class
+    tokenizer_fallback: str = "PreTrainedTokenizerFast"
+
+    def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        raise NotImplementedError
+
+    def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
+        raise NotImplementedError
+
+    def to_hf_key(self, key: str) -> str:
+        for pattern, repl in self.key_mapping.items():
+            key = re.sub(pattern, repl, key)
+        return key
+
+    def to_original_key(self, key: str) -> str:
+        for pattern, repl in self._inverse_mapping().items():
+            key = re.sub(pattern, repl, key)
+        return key
+
+    def _inverse_mapping(self) -> dict[str, str]:
+        return {}
+
+    def original_module(self, name: str) -> str:
+        inverse = {v: k for k, v in self.module_renames.items()}
+        return inverse.get(name, name)
+
+    def hf_module(self, name: str) -> str:
+        return self.module_renames.get(name, name)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    if tokenizer is None:
+        return None
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+class LLaDASpec(FamilySpec):
+    """LLaDA (GSAI-ML/LLaDA-8B-*): an OLMo-style config whose `llama` block is exactly Llama."""
+
+    name = "llada"
+    model_types = ("llada",)
+    key_mapping = {
+        r"^model\.transformer\.wte\.": "model.embed_tokens.",
+        r"^model\.transformer\.ln_f\.": "model.norm.",
+        r"^model\.transformer\.ff_out\.": "lm_head.",
+        r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.": r"model.layers.\1.input_layernorm.",
+        r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.": r"model.layers.\1.post_attention_layernorm.",
+        r"^model\.transformer\.blocks\.(\d+)\.q_proj\.": r"model.layers.\1.self_attn.q_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.k_proj\.": r"model.layers.\1.self_attn.k_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.v_proj\.": r"model.layers.\1.self_attn.v_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.attn_out\.": r"model.layers.\1.self_attn.o_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.": r"model.layers.\1.mlp.gate_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
+        r"^model\.transformer\.blocks\.(\d+)\.ff_out\.": r"model.layers.\1.mlp.down_proj.",
+    }
+    module_renames = {"attn_out": "o_proj"}
+    use_chat_template = True
+    # (field, required value) pairs this mapping reproduces exactly; anything else is refused
+    _supported = {
+        "block_type": "llama",
+        "layer_norm_type": "rms",
+        "activation_type": "silu",
+        "alibi": False,
+        "rope": True,
+        "include_bias": False,
+        "input_emb_norm": False,
+        "scale_logits": False,
+        "block_group_size": 1,
+    }
+
+    def _inverse_mapping(self) -> dict[str, str]:
+        return {
+            r"^model\.embed_tokens\.": "model.transformer.wte.",
+            r"^model\.norm\.": "model.transformer.ln_f.",
+            r"^lm_head\.": "model.transformer.ff_out.",
+            r"^model\.layers\.(\d+)\.input_layernorm\.": r"model.transformer.blocks.\1.attn_norm.",
+            r"^model\.layers\.(\d+)\.post_attention_layernorm\.": r"model.transformer.blocks.\1.ff_norm.",
+            r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.": r"model.transformer.blocks.\1.\2.",
+            r"^model\.layers\.(\d+)\.self_attn\.o_proj\.": r"model.transformer.blocks.\1.attn_out.",
+            r"^model\.layers\.(\d+)\.mlp\.gate_proj\.": r"model.transformer.blocks.\1.ff_proj.",
+            r"^model\.layers\.(\d+)\.mlp\.up_proj\.": r"model.transformer.blocks.\1.up_proj.",
+            r"^model\.layers\.(\d+)\.mlp\.down_proj\.": r"model.transformer.blocks.\1.ff_out.",
+        }
+
+    def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        for key, want in self._supported.items():
+            if key in raw and raw[key] != want:
+                raise ValueError(
+                    f"LLaDA config field {key}={raw[key]!r} is not supported (only {want!r} maps onto Llama)"
+                )
+        if raw.get("include_qkv_bias", False):
+            raise ValueError("LLaDA config field include_qkv_bias=True is not supported")
+        n_heads = raw["n_heads"]
+        return LlamaConfig(
+            vocab_size=raw.get("embedding_size") or raw["vocab_size"],
+            hidden_size=raw["d_model"],
+            intermediate_size=raw["mlp_hidden_size"],
+            num_hidden_layers=raw["n_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=raw.get("n_kv_heads") or n_heads,
+            head_dim=raw["d_model"] // n_heads,
+            max_position_embeddings=raw.get("max_sequence_length", 4096),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+            rope_parameters={"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0)},
+            tie_word_embeddings=raw.get("weight_tying", False),
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+    def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
+        eos = raw["eos_token_id"]
+        eot = _token_id(tokenizer, "<|eot_id|>")
+        ends = (eos,) if eot is None else (eos, eot)
+        bos = raw.get("bos_token_id")
+        if bos is None and tokenizer is not None:
+            bos = tokenizer.bos_token_id
+        return Family(
+            name=self.name,
+            mask_token_id=raw["mask_token_id"],
+            end_token_ids=ends,
+            answer_end_token_id=eos if eot is None else eot,
+            pad_token_id=raw.get("pad_token_id", eos),
+            bos_token_id=bos,
+            shift_logits=False,
+            lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+            use_chat_template=self.use_chat_template,
+            original_config=raw,
+        )
+
+
+class DreamSpec(FamilySpec):
+    """Dream (Dream-org/Dream-v0-*): a Qwen2 config and Qwen2 weight names; logits are shifted."""
+
+    name = "dream"
+    model_types = ("Dream",)
+    shift_logits = True
+    use_chat_template = False
+    tokenizer_fallback = "Qwen2Tokenizer"
+    _dropped = ("model_type", "architectures", "auto_map", "transformers_version")
+
+    def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        kwargs = {k: v for k, v in raw.items() if k not in self._dropped}
+        if "rope_theta" in kwargs and "rope_parameters" not in kwargs:
+            kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs["rope_theta"]}
+        if kwargs.get("use_sliding_window"):
+            raise ValueError("Dream config field use_sliding_window=True is not supported")
+        return Qwen2Config(**kwargs)
+
+    def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        eos = raw["eos_token_id"] if eos is None else eos
+        return Family(
+            name=self.name,
+            mask_token_id=raw["mask_token_id"],
+            end_token_ids=(eos,),
+            answer_end_token_id=eos,
+            pad_token_id=raw.get("pad_token_id", eos),
+            bos_token_id=raw.get("bos_token_id"),
+            shift_logits=True,
+            lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+            use_chat_template=self.use_chat_template,
+            original_config=raw,
+        )
+
+
+SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (LLaDASpec(), DreamSpec())}
+
+
+def detect_spec(raw: dict[str, Any], where: str = "config.json") -> FamilySpec:
+    """The family whose `model_type` matches the raw `config.json` dict."""
+    model_type = raw.get("model_type")
+    for spec in SPECS.values():
+        if model_type in spec.model_types:
+            return spec
+    supported = ", ".join(repr(t) for spec in SPECS.values() for t in spec.model_types)
+    raise ValueError(f"{where}: unknown model_type {model_type!r}; supported: {supported}")
+
+
+def family_of(model) -> Family:
+    """The `Family` of a model loaded by `d2f.load_model` (works through peft and DDP wrappers)."""
+    seen = model
+    while seen is not None:
+        fam = seen.__dict__.get("d2f_family")
+        if fam is not None:
+            return fam
+        seen = seen.__dict__.get("_modules", {}).get("module") or _peft_inner(seen)
+    raise ValueError(
+        "model has no d2f family: load it with d2f.load_model or d2f.models.build_model"
+    )
+
+
+def _peft_inner(model):
+    mods = model.__dict__.get("_modules", {})
+    inner = mods.get("base_model")
+    if inner is not None:
+        return inner
+    return mods.get("model")
