@@ -17,15 +17,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 
 @dataclass(frozen=True)
 class Family:
     """Run-time facts of a loaded dLLM, read from its `config.json` and tokenizer."""
 
-    name: str  # family name, e.g. "llada" or "dream"
-    mask_token_id: int  # the [MASK] token that marks undecoded positions
+    name: str  # family name, e.g. "llada", "dream", "ar"
+    mask_token_id: int | None  # the [MASK] token that marks undecoded positions (None: AR model)
     end_token_ids: tuple[int, ...]  # generation stops at the first of these
     answer_end_token_id: int  # appended to training answers (LLaDA <|eot_id|>, Dream eos)
     pad_token_id: int  # right-padding of training answers
@@ -33,6 +40,7 @@ class Family:
     shift_logits: bool  # True: logits at position i-1 predict token i (Dream)
     lora_target_modules: tuple[str, ...]  # attention projections, transformers module names
     use_chat_template: bool  # whether prompts go through the chat template by default
+    causal: bool = False  # True only for autoregressive baselines (attention stays causal)
     original_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -51,6 +59,9 @@ class FamilySpec:
     tokenizer_fallback: str = "PreTrainedTokenizerFast"
 
     def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        raise NotImplementedError
+
+    def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
         raise NotImplementedError
 
     def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
@@ -161,6 +172,9 @@ class LLaDASpec(FamilySpec):
             pad_token_id=raw.get("pad_token_id"),
         )
 
+    def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
+        return LlamaForCausalLM
+
     def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
         eos = raw["eos_token_id"]
         eot = _token_id(tokenizer, "<|eot_id|>")
@@ -200,6 +214,9 @@ class DreamSpec(FamilySpec):
             raise ValueError("Dream config field use_sliding_window=True is not supported")
         return Qwen2Config(**kwargs)
 
+    def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
+        return Qwen2ForCausalLM
+
     def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
         eos = tokenizer.eos_token_id if tokenizer is not None else None
         eos = raw["eos_token_id"] if eos is None else eos
@@ -217,7 +234,47 @@ class DreamSpec(FamilySpec):
         )
 
 
-SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (LLaDASpec(), DreamSpec())}
+class AutoregressiveSpec(FamilySpec):
+    """A plain causal LM in transformers' own format (Llama / Qwen2): the AR baseline.
+
+    Not a dLLM: no mask token, attention stays causal, logits predict the next token.
+    """
+
+    name = "ar"
+    model_types = ("llama", "qwen2")
+    shift_logits = True
+    _archs = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+    def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        config_class = self._archs[raw["model_type"]][0]
+        return config_class.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+
+    def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
+        return self._archs[raw["model_type"]][1]
+
+    def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        eos = raw["eos_token_id"] if eos is None else eos
+        ends = tuple(eos) if isinstance(eos, list) else (eos,)
+        pad = raw.get("pad_token_id")
+        return Family(
+            name=self.name,
+            mask_token_id=None,
+            end_token_ids=ends,
+            answer_end_token_id=ends[0],
+            pad_token_id=ends[0] if pad is None else pad,
+            bos_token_id=raw.get("bos_token_id"),
+            shift_logits=True,
+            lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+            use_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
+            causal=True,
+            original_config=raw,
+        )
+
+
+SPECS: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (LLaDASpec(), DreamSpec(), AutoregressiveSpec())
+}
 
 
 def detect_spec(raw: dict[str, Any], where: str = "config.json") -> FamilySpec:

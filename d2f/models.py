@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers import PreTrainedModel
 from transformers.utils import cached_file
 
 from d2f.family import Family, FamilySpec, detect_spec, family_of
 
-_ARCH = {"llada": LlamaForCausalLM, "dream": Qwen2ForCausalLM}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -103,10 +102,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, spec: FamilySpec | None = No
 def _attach(model: PreTrainedModel, family: Family, spec: FamilySpec) -> PreTrainedModel:
     # NOTE: dLLMs are bidirectional. is_causal=False makes transformers build bidirectional masks
     # when no mask is given; d2f itself always passes an explicit 4D mask (d2f.mask).
-    model.config.is_causal = False
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
+    if not family.causal:
+        model.config.is_causal = False
+        for module in model.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = False
     model.d2f_family = family
     model.d2f_spec = spec
     return model
@@ -120,7 +120,7 @@ def build_model(
     hf_config = spec.hf_config(raw_config)
     if seed is not None:
         torch.manual_seed(seed)
-    model = _ARCH[spec.name](hf_config).to(dtype)
+    model = spec.architecture(raw_config)(hf_config).to(dtype)
     return _attach(model, spec.facts(raw_config, tokenizer), spec)
 
 
@@ -156,7 +156,7 @@ def load_model(
     if device is not None:
         kwargs["device_map"] = str(device)
     try:
-        model, info = _ARCH[spec.name].from_pretrained(
+        model, info = spec.architecture(raw).from_pretrained(
             str(name_or_path),
             config=hf_config,
             dtype=_torch_dtype(dtype),

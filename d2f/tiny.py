@@ -208,10 +208,39 @@ def dream_config(
     }
 
 
+def ar_config(
+    vocab_size: int,
+    eos_token_id: int,
+    bos_token_id: int | None = None,
+    hidden_size: int = 48,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 96,
+    max_position_embeddings: int = 512,
+) -> dict[str, Any]:
+    """A plain Llama `config.json` dict (transformers' own format): the autoregressive baseline."""
+    from transformers import LlamaConfig
+
+    raw = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    ).to_dict()
+    raw["architectures"] = ["LlamaForCausalLM"]
+    return raw
+
+
 def write_tiny_checkpoint(
     out: str | Path, family: str, seed: int = 0, with_tokenizer: bool = True, **sizes
 ) -> Path:
-    """Write a random tiny checkpoint of `family` ("llada" or "dream") in its original format."""
+    """Write a random tiny checkpoint of `family` ("llada", "dream" or "ar") in its original format."""
     from d2f.models import build_model, save_model
 
     out = Path(out)
@@ -221,6 +250,15 @@ def write_tiny_checkpoint(
         vocab = len(tok) + 2  # odd-sized embedding with unused rows, as in the 8B checkpoint
         vocab += 1 - vocab % 2
         raw = llada_config(vocab, tok.mask_token_id, tok.eos_token_id, tok.bos_token_id, **sizes)
+        model = build_model(raw, tokenizer=tok, seed=seed)
+        save_model(model, out, tokenizer=tok if with_tokenizer else None)
+        if with_tokenizer:
+            _as_llada_tokenizer_config(out)
+    elif family == "ar":
+        tok = llada_tokenizer()
+        vocab = len(tok) + 2
+        vocab += 1 - vocab % 2
+        raw = ar_config(vocab, tok.convert_tokens_to_ids("<|eot_id|>"), tok.bos_token_id, **sizes)
         model = build_model(raw, tokenizer=tok, seed=seed)
         save_model(model, out, tokenizer=tok if with_tokenizer else None)
         if with_tokenizer:
@@ -239,7 +277,7 @@ def write_tiny_checkpoint(
             for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
                 (out / f).unlink()
     else:
-        raise ValueError(f"unknown family {family!r}; supported: 'llada', 'dream'")
+        raise ValueError(f"unknown family {family!r}; supported: 'llada', 'dream', 'ar'")
     return out
 
 

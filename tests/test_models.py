@@ -265,3 +265,13 @@ def test_load_by_hub_id_from_cache(tmp_path, tiny_dir, monkeypatch):
     ref, _ = load_model(tiny_dir("llada"))
     assert tok is not None
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_autoregressive_baseline_stays_causal(tiny_dir):
+    model, tok = load_model(tiny_dir("ar"))
+    fam = family_of(model)
+    assert fam.causal and fam.mask_token_id is None and fam.shift_logits
+    assert read_config(tiny_dir("ar"))["model_type"] == "llama"
+    ids = _ids(tok)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(_logits(model, ids), _logits(model, ids, causal_mask(valid)))
