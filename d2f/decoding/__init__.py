@@ -1,0 +1,27 @@
+"""Decoding: D2F pipelined parallel decoding, the slow reference, and the baselines.
+
+`generate(model, prompts, DecodeConfig(...), tokenizer=...)` runs any strategy and returns a
+`DecodeOutput` (tokens, texts, stats, optional step trace).
+"""
+
+from d2f.decoding.api import DECODERS, generate, prepare_prompts
+from d2f.decoding.config import (
+    STRATEGIES,
+    DecodeConfig,
+    DecodeOutput,
+    DecodeStats,
+    RowStats,
+    StepEvent,
+)
+
+__all__ = [
+    "DECODERS",
+    "STRATEGIES",
+    "DecodeConfig",
+    "DecodeOutput",
+    "DecodeStats",
+    "RowStats",
+    "StepEvent",
+    "generate",
+    "prepare_prompts",
+]

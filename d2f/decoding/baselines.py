@@ -1,0 +1,160 @@
+"""Baselines in the same framework as D2F: same inputs, same output, same statistics.
+
+* `vanilla_decode`: the base dLLMs' own sampler as LLaDA ships it: semi-autoregressive blocks, a
+  fixed number of steps per block, each step one full bidirectional forward over the whole sequence
+  (no cache), committing the `n` most confident masked positions of the current block
+  (low-confidence remasking; `remasking="random"` picks them at random). Like the original, it
+  always decodes the full length.
+* `fast_dllm_decode`: Fast-dLLM style: blocks one after another; each block starts with a full
+  bidirectional forward whose prefix KV is cached, then forwards `[block | suffix]` over that
+  prefix cache, committing every prediction above tau_conf (at least one per step). The prefix
+  cache was computed while later blocks were masks: approximate, as that method is.
+* `ar_decode`: greedy (or sampled) next-token decoding of a causal model with a KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows, forward, predict
+from d2f.decoding.config import DecodeConfig
+from d2f.family import Family
+from d2f.mask import block_ids, causal_mask, full_mask
+
+
+def _generator(cfg: DecodeConfig, device):
+    return torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+
+
+def _shifted(logits: Tensor, family: Family) -> Tensor:
+    """Predictions aligned with the input columns for a forward that starts at column 0."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], 1) if family.shift_logits else logits
+
+
+def transfer_schedule(n_masked: Tensor, steps: int) -> Tensor:
+    """LLaDA's tokens-per-step split: (B,) masked counts -> (B, steps), as even as possible,
+    the remainder going to the first steps."""
+    base = n_masked // steps
+    rem = n_masked % steps
+    return base[:, None] + (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()
+
+
+@torch.no_grad()
+def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
+    device = next(model.parameters()).device
+    mask_id, bs = family.mask_token_id, cfg.block_size
+    steps = cfg.steps_per_block or bs
+    gen = _generator(cfg, device)
+    batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
+    P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
+    attn = full_mask(block_ids(batch.valid, torch.full((B,), P, device=device), bs))
+    rec.prefill_done()  # no prefill: every step recomputes the whole sequence
+    cols = torch.arange(cfg.gen_length, device=device)
+    for k in range(cfg.num_blocks):
+        in_block = (cols >= k * bs) & (cols < (k + 1) * bs)  # (G,)
+        per_step = transfer_schedule((batch.answer[:, in_block] == mask_id).sum(1), steps)
+        for s in range(steps):
+            logits = _shifted(forward(model, rec, batch, attn, 0, L), family)[:, P:]  # (B, G, V)
+            x0, conf, _ = predict(logits, cfg, mask_id, gen)
+            if cfg.remasking == "random":
+                conf = torch.rand(conf.shape, generator=gen, device=device)
+            masked = (batch.answer == mask_id) & in_block
+            conf = conf.masked_fill(~masked, float("-inf"))
+            order = conf.sort(dim=-1, descending=True, stable=True).indices  # (B, G)
+            rank_ok = cols[None] < per_step[:, s : s + 1]  # top-n per row, n = per_step[b, s]
+            chosen = torch.zeros_like(masked).scatter(1, order, rank_ok) & masked
+            batch.answer[:] = torch.where(chosen, x0, batch.answer)
+            rec.emit(batch, chosen)
+    rec.finish(batch, torch.ones(B, dtype=torch.bool, device=device))
+    rec.close()
+
+
+def _commit_block(preds, answer_blk, cfg, mask_id, gen):
+    """Fast-dLLM's rule in one block: all above tau_conf, else the single best. (B, bs) bool."""
+    x0, conf, score = predict(preds, cfg, mask_id, gen)
+    masked = answer_blk == mask_id
+    chosen = masked & (conf > cfg.tau_conf)
+    need = masked.any(1) & ~chosen.any(1)
+    best = score.masked_fill(~masked, float("-inf")).argmax(1)
+    chosen |= torch.nn.functional.one_hot(best, answer_blk.shape[1]).bool() & need[:, None]
+    return torch.where(chosen, x0, answer_blk), chosen
+
+
+@torch.no_grad()
+def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
+    device = next(model.parameters()).device
+    mask_id, bs = family.mask_token_id, cfg.block_size
+    end_ids = torch.tensor(family.end_token_ids, device=device)
+    gen = _generator(cfg, device)
+    batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
+    P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
+    ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)
+    rec.prefill_done()
+    for k in range(cfg.num_blocks):
+        done = ended_rows(batch.answer, mask_id, end_ids)
+        fin = done.tolist()
+        if any(fin):
+            keep = drop_finished(rec, batch, done, fin)
+            if keep is None:
+                break
+            ids = ids[keep]
+        start, end = P + k * bs, P + (k + 1) * bs
+        cache = DynamicCache(config=model.config)
+        logits = forward(model, rec, batch, full_mask(ids), 0, L, cache)  # (B, L, V)
+        cache.crop(-(L - start))  # keep the prefix only
+        carry = logits[:, start - 1]
+        preds = _shifted(logits, family)[:, start:end]
+        while True:
+            blk, chosen = _commit_block(preds, batch.x[:, start:end], cfg, mask_id, gen)
+            batch.x[:, start:end] = blk
+            committed = torch.zeros_like(batch.answer, dtype=torch.bool)
+            committed[:, start - P : end - P] = chosen
+            rec.emit(batch, committed)
+            if not bool((blk == mask_id).any()):  # one sync per step
+                break
+            logits = forward(model, rec, batch, full_mask(ids, start, L), start, L, cache)
+            cache.crop(-(L - start))
+            if family.shift_logits:
+                logits = torch.cat([carry[:, None], logits[:, :-1]], 1)
+            preds = logits[:, : end - start]
+    if batch.x.shape[0]:
+        rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
+    rec.close()
+
+
+@torch.no_grad()
+def ar_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
+    device = next(model.parameters()).device
+    end_ids = torch.tensor(family.end_token_ids, device=device)
+    gen = _generator(cfg, device)
+    batch = Batch.create(
+        prompts, cfg.gen_length, family.end_token_ids[0], family.pad_token_id, device
+    )
+    P = batch.prompt_len
+    cache = DynamicCache(config=model.config)
+    logits = forward(model, rec, batch, causal_mask(batch.valid[:, :P]), 0, P, cache)[:, -1:]
+    rec.prefill_done()
+    for t in range(cfg.gen_length):
+        token = predict(logits, cfg, None, gen)[0][:, 0]  # (B,)
+        batch.x[:, P + t] = token
+        committed = torch.zeros_like(batch.answer, dtype=torch.bool)
+        committed[:, t] = True
+        rec.emit(batch, committed)
+        if t == cfg.gen_length - 1:
+            break
+        done = torch.isin(token, end_ids)
+        fin = done.tolist()  # one sync per step
+        if any(fin):
+            keep = drop_finished(rec, batch, done, fin)
+            if keep is None:
+                break
+            cache.batch_select_indices(keep)
+        q = P + t
+        logits = forward(
+            model, rec, batch, causal_mask(batch.valid[:, : q + 1], q, q + 1), q, q + 1, cache
+        )
+    if batch.x.shape[0]:
+        rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
+    rec.close()

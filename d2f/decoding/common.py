@@ -1,0 +1,201 @@
+"""Pieces every decoding strategy shares: batch layout, predictions, model calls, bookkeeping.
+
+Batch layout (all strategies): prompts are LEFT-padded to the longest one, so answer block k of
+every row occupies the same columns `[P + k * bs, P + (k + 1) * bs)`; positions skip the padding
+(`d2f.mask.position_ids`), so a row's numbers do not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from d2f.decoding.config import DecodeConfig, StepEvent
+from d2f.mask import position_ids, to_additive
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """(B, P) ids and (B, P) bool validity of left-padded prompts."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[b, P - len(p) :] = True
+    return ids.to(device), valid.to(device)
+
+
+@dataclass
+class Batch:
+    """The decoding buffer of the active rows: `x = [left-padded prompt | answer]`."""
+
+    x: Tensor  # (B, P + G) long; answer positions hold the mask id until decoded
+    valid: Tensor  # (B, P + G) bool; False on left padding
+    pos: Tensor  # (B, P + G) long position ids (padding skipped)
+    rows: Tensor  # (B,) long, each row's index in the caller's prompt list
+    prompt_len: int  # P, columns of the (padded) prompt
+
+    @classmethod
+    def create(cls, prompts: list[list[int]], gen_length: int, fill_id: int, pad_id: int, device):
+        prompt_ids, prompt_valid = left_pad(prompts, pad_id, device)
+        B, P = prompt_ids.shape
+        x = torch.cat([prompt_ids, torch.full((B, gen_length), fill_id, device=device)], 1)
+        valid = torch.cat(
+            [prompt_valid, torch.ones(B, gen_length, dtype=torch.bool, device=device)], 1
+        )
+        rows = torch.arange(B, device=device)
+        return cls(x, valid, position_ids(valid), rows, P)
+
+    @property
+    def answer(self) -> Tensor:
+        return self.x[:, self.prompt_len :]  # (B, G) view
+
+    def select(self, keep: Tensor) -> None:
+        self.x, self.valid, self.pos, self.rows = (
+            t[keep] for t in (self.x, self.valid, self.pos, self.rows)
+        )
+
+
+class Recorder:
+    """Counts model calls per row, times prefill/decode, keeps finished rows, emits step events."""
+
+    def __init__(self, n_rows: int, gen_length: int, device, on_step=None):
+        self.forwards = 0
+        self.row_forwards = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.answers = torch.empty(n_rows, gen_length, dtype=torch.long, device=device)
+        self.on_step = on_step
+        self.step = 0
+        self._t0 = time.perf_counter()
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self._device = torch.device(device)
+
+    def _now(self) -> float:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def called(self, rows: Tensor) -> None:
+        self.forwards += 1
+        self.row_forwards[rows] += 1
+
+    def prefill_done(self) -> None:
+        self.prefill_s = self._now() - self._t0
+        self._t0 = self._now()
+
+    def finish(self, batch: Batch, done: Tensor) -> None:
+        """Store the answers of rows `done` (B,) bool; the caller then drops them."""
+        self.answers[batch.rows[done]] = batch.answer[done]
+
+    def emit(self, batch: Batch, committed: Tensor, block_state: Tensor | None = None) -> None:
+        """End of a step: count it and, when streaming, hand the callback a StepEvent."""
+        self.step += 1
+        if self.on_step is not None:
+            self.on_step(
+                StepEvent(
+                    self.step,
+                    batch.rows.clone(),
+                    batch.answer.clone(),
+                    committed.clone(),
+                    None if block_state is None else block_state.clone(),
+                )
+            )
+
+    def close(self) -> None:
+        self.decode_s = self._now() - self._t0
+
+
+def drop_finished(rec: Recorder, batch: Batch, finished: Tensor, fin: list) -> Tensor | None:
+    """Store the answers of finished rows and drop them from the batch.
+
+    finished: (B,) bool on device; fin: the same flags already on the host (no extra sync).
+    Returns the kept row indices (to select other per-row tensors and the cache), None if none.
+    """
+    rec.finish(batch, finished)
+    kept = [i for i, f in enumerate(fin) if not f]
+    if not kept:
+        return None
+    keep = torch.tensor(kept, device=batch.x.device)
+    batch.select(keep)
+    return keep
+
+
+def forward(
+    model, rec: Recorder, batch: Batch, mask_bool: Tensor, start: int, end: int, cache=None
+):
+    """One model call over columns `start:end` of the batch; returns (B, end - start, V) logits.
+
+    mask_bool: (B, end - start, K) bool with K = (cached columns) + (end - start).
+    """
+    rec.called(batch.rows)
+    dtype = next(model.parameters()).dtype
+    out = model(
+        input_ids=batch.x[:, start:end],
+        attention_mask=to_additive(mask_bool, dtype),
+        position_ids=batch.pos[:, start:end],
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+    return out.logits
+
+
+def shift_logits(logits: Tensor, carry: Tensor) -> Tensor:
+    """Dream: the logits at position i-1 predict token i. carry (B, V): logits of the column
+    before the window. Returns (B, W, V) predictions aligned with the window's columns."""
+    return torch.cat([carry[:, None], logits[:, :-1]], 1)
+
+
+def predict(logits: Tensor, cfg: DecodeConfig, mask_id: int | None, generator=None):
+    """Token predictions and confidences at every position.
+
+    logits: (B, W, V), any dtype; computed in fp32. The mask id is never predicted.
+    Returns x0 (B, W) long; conf (B, W) float, the probability of x0 under the (temperature /
+    top-k / top-p adjusted) distribution, used for the tau_conf threshold; and score (B, W), the
+    fallback score (`cfg.confidence`: prob, top1 - top2 margin, or negative entropy).
+    """
+    logits = logits.float()
+    if mask_id is not None:
+        logits[..., mask_id] = float("-inf")
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+        if cfg.top_k > 0:
+            kth = logits.topk(min(cfg.top_k, logits.shape[-1]), -1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the first past top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)  # (B, W, V) fp32
+    if cfg.temperature > 0:
+        flat = probs.reshape(-1, probs.shape[-1])
+        x0 = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    else:
+        x0 = probs.argmax(-1)
+    conf = probs.gather(-1, x0[..., None])[..., 0]
+    if cfg.confidence == "prob":
+        score = conf
+    elif cfg.confidence == "margin":
+        top2 = probs.topk(2, -1).values
+        score = top2[..., 0] - top2[..., 1]
+    else:
+        logp = probs.clamp_min(1e-30).log()
+        score = (probs * logp).sum(-1)  # negative entropy
+    return x0, conf, score
+
+
+def end_mask(tokens: Tensor, end_ids: Tensor) -> Tensor:
+    return torch.isin(tokens, end_ids)
+
+
+def ended_rows(answer: Tensor, mask_id: int, end_ids: Tensor) -> Tensor:
+    """(B,) bool: an end token is decoded and every answer position before it is decoded too."""
+    G = answer.shape[1]
+    cols = torch.arange(G, device=answer.device)
+    first_end = torch.where(end_mask(answer, end_ids), cols, G).min(1).values
+    first_mask = torch.where(answer == mask_id, cols, G).min(1).values
+    return (first_end < G) & (first_mask > first_end)

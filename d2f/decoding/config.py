@@ -1,0 +1,148 @@
+"""Decoding configuration and output types, shared by every strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference"]
+STRATEGIES: tuple[str, ...] = ("d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference")
+
+
+@dataclass
+class DecodeConfig:
+    """How to decode. Defaults follow the paper (tau_conf 0.9, tau_add 0.1, tau_act 0.95)."""
+
+    strategy: Strategy = "d2f"  # which decoder; all return the same DecodeOutput
+    block_size: int = 32  # tokens per block (> 0)
+    max_new_tokens: int = 512  # generation cap; the answer has block_size * (this // block_size)
+    tau_add: float = 0.1  # [0, 1] add a block when the last one's decoded fraction >= this
+    tau_act: float = 0.95  # [0, 1] fully activate a block when its predecessor's fraction >= this
+    tau_conf: float = 0.9  # [0, 1] commit a prediction whose probability is > this
+    confidence: Literal["prob", "margin", "entropy"] = "prob"  # score of the fallback commit
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples
+    top_p: float = 1.0  # (0, 1] nucleus sampling when temperature > 0
+    top_k: int = 0  # >= 0; 0 = off
+    seed: int | None = None  # seed of the sampling generator (temperature > 0)
+    chat: bool | None = None  # apply the chat template to string prompts; None = family default
+    max_length: int | None = None  # sequence limit (prompt + answer); None = model's context
+    truncate_prompt: bool = False  # left-truncate long prompts instead of raising
+    steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
+    remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla's remasking rule
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {self.block_size}")
+        if self.max_new_tokens < self.block_size:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be >= block_size ({self.block_size})"
+            )
+        for name in ("tau_add", "tau_act", "tau_conf"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.confidence not in ("prob", "margin", "entropy"):
+            raise ValueError(f"confidence must be prob, margin or entropy, got {self.confidence!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.steps_per_block is not None and not 1 <= self.steps_per_block <= self.block_size:
+            raise ValueError(
+                f"steps_per_block must be in [1, block_size={self.block_size}], "
+                f"got {self.steps_per_block}"
+            )
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking must be low_confidence or random, got {self.remasking!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // self.block_size
+
+    @property
+    def gen_length(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+@dataclass
+class RowStats:
+    """Counts for one prompt."""
+
+    forwards: int  # model calls this row took part in (prefill included)
+    tokens: int  # generated tokens returned (cut before the first end token)
+    tokens_with_end: int  # ... up to and including the first end token: the TPF numerator
+    hit_end: bool  # whether an end token was generated
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens_with_end / max(self.forwards, 1)
+
+
+@dataclass
+class DecodeStats:
+    """Counts and times of one `generate` call."""
+
+    forwards: int  # model calls (a batched call counts once)
+    prefill_s: float  # wall time of prompt processing
+    decode_s: float  # wall time of everything after the prefill
+    rows: list[RowStats] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.rows)
+
+    @property
+    def tokens_with_end(self) -> int:
+        return sum(r.tokens_with_end for r in self.rows)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Per sequence: generated tokens (up to and including each first end token) over the
+        forwards each sequence took part in (a batched call counts once per row in it)."""
+        return self.tokens_with_end / max(sum(r.forwards for r in self.rows), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.total_s, 1e-9)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.rows)} rows, {self.tokens} tokens, {self.forwards} forwards, "
+            f"{self.tokens_per_forward:.2f} tokens/forward, {self.tokens_per_second:.1f} tokens/s "
+            f"(prefill {self.prefill_s * 1e3:.0f} ms, decode {self.decode_s * 1e3:.0f} ms)"
+        )
+
+
+@dataclass
+class StepEvent:
+    """What one decoding step did, for streaming and for the decode picture (d2f.render).
+
+    Tensors cover the active rows (`rows` are their indices in the input batch) and the answer
+    region: column j is answer token j. `block_state` uses `d2f.decoding.state` codes.
+    """
+
+    step: int
+    rows: torch.Tensor  # (B_active,) long, indices into the prompt list
+    answer: torch.Tensor  # (B_active, G) long, answer tokens after this step (mask id = undecoded)
+    committed: torch.Tensor  # (B_active, G) bool, positions committed in this step
+    block_state: torch.Tensor | None  # (B_active, NB) int8, block states during this step
+
+
+@dataclass
+class DecodeOutput:
+    """Result of `generate`: tokens and texts per prompt, statistics, optional step trace."""
+
+    tokens: list[list[int]]  # generated ids per prompt, cut before the first end token
+    texts: list[str] | None  # decoded strings when a tokenizer was given
+    stats: DecodeStats
+    trace: list[StepEvent] | None = None  # per-step events when generate(record=True)

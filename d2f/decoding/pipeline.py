@@ -1,0 +1,159 @@
+"""D2F pipelined parallel decoding with dual-state blocks and an exact KV cache (paper Sec. 3.3).
+
+Per step, for every active row (all vectorised over rows and blocks):
+  1. `update_blocks`: append a semi-activated all-mask block when no end token is decoded, fewer
+     than `num_blocks` exist and the last block's decoded fraction is >= tau_add (the prompt counts
+     as decoded); fully activate (sticky) every block whose predecessor's fraction is >= tau_act.
+  2. one forward over the window `[cache end, last existing block end)` with the block-causal mask
+     and the cached prefix (`d2f.mask`); blocks that do not exist yet are invisible (block id -1).
+  3. `commit`: in each unfinished block, commit predictions whose probability is > tau_conf;
+     a fully activated block that commits none commits its single best position (by
+     `cfg.confidence`); a semi-activated block may commit none.
+  4. the cache keeps exactly the leading blocks that were complete at the step's start in every
+     row: their KV came from this forward with final tokens, so it is exact and never recomputed.
+A row stops when an end token is decoded with nothing undecoded before it, or when all
+`num_blocks` blocks exist and are complete; finished rows leave the batch (and the cache).
+`cache_only` is the same loop with tau_add = 1 (one block at a time).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from d2f.decoding.common import (
+    Batch,
+    Recorder,
+    drop_finished,
+    ended_rows,
+    forward,
+    predict,
+    shift_logits,
+)
+from d2f.decoding.config import DecodeConfig
+from d2f.family import Family
+from d2f.mask import block_causal_mask, block_ids
+
+
+class BlockState(IntEnum):
+    ABSENT = 0  # not added yet
+    SEMI = 1  # semi-activated: commits only above tau_conf
+    FULL = 2  # fully activated: commits at least one token per step
+
+
+def decoded_fraction(answer: Tensor, mask_id: int, bs: int) -> Tensor:
+    """(B, G) answer -> (B, NB) fraction of decoded tokens per block."""
+    B, G = answer.shape
+    return (answer != mask_id).view(B, G // bs, bs).float().mean(-1)
+
+
+def update_blocks(state: Tensor, frac: Tensor, ended: Tensor, cfg: DecodeConfig) -> Tensor:
+    """Steps 1 of the module docstring. state (B, NB) int8, frac (B, NB), ended (B,) bool."""
+    B, NB = state.shape
+    n_exist = (state != BlockState.ABSENT).sum(1)  # (B,)
+    last = (n_exist - 1).clamp(min=0)[:, None]
+    last_frac = torch.where(n_exist > 0, frac.gather(1, last)[:, 0], 1.0)  # prompt = decoded
+    add = ~ended & (n_exist < NB) & (last_frac >= cfg.tau_add)  # (B,)
+    slot = torch.nn.functional.one_hot(n_exist.clamp(max=NB - 1), NB).bool() & add[:, None]
+    state = torch.where(slot, BlockState.SEMI, state)
+    pred_frac = torch.cat([torch.ones_like(frac[:, :1]), frac[:, :-1]], 1)  # (B, NB)
+    activate = (state == BlockState.SEMI) & (pred_frac >= cfg.tau_act)
+    return torch.where(activate, BlockState.FULL, state).to(torch.int8)
+
+
+def commit(
+    answer_w: Tensor,
+    state_w: Tensor,
+    x0: Tensor,
+    conf: Tensor,
+    score: Tensor,
+    mask_id: int,
+    cfg: DecodeConfig,
+) -> Tensor:
+    """Step 3. All (B, W) over the window's answer columns, state_w (B, W // bs) block states.
+
+    Returns (B, W) bool: positions to commit.
+    """
+    B, W = answer_w.shape
+    bs = cfg.block_size
+    masked = (answer_w == mask_id).view(B, -1, bs)  # (B, nbw, bs)
+    live = (state_w != BlockState.ABSENT)[..., None]
+    chosen = masked & live & (conf.view(B, -1, bs) > cfg.tau_conf)
+    need = (state_w == BlockState.FULL) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
+    best = score.view(B, -1, bs).masked_fill(~masked, float("-inf")).argmax(-1)  # (B, nbw)
+    fallback = torch.nn.functional.one_hot(best, bs).bool() & need[..., None]
+    return (chosen | fallback).view(B, W)
+
+
+@torch.no_grad()
+def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Family, rec: Recorder):
+    """Decode `prompts` (token id lists) with D2F; finished answers land in `rec.answers`."""
+    device = next(model.parameters()).device
+    mask_id, bs, NB = family.mask_token_id, cfg.block_size, cfg.num_blocks
+    end_ids = torch.tensor(family.end_token_ids, device=device)
+    gen = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
+    P, B = batch.prompt_len, len(prompts)
+    full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, P + G)
+    state = torch.zeros(B, NB, dtype=torch.int8, device=device)
+
+    cache = DynamicCache(config=model.config)
+    logits = forward(model, rec, batch, block_causal_mask(full_ids[:, :P]), 0, P, cache)
+    carry = logits[:, -1]  # (B, V): predicts the first answer token when logits are shifted
+    cached = P  # columns whose exact KV is in the cache
+    rec.prefill_done()
+
+    for _ in range(cfg.gen_length + 2):  # every step commits >= 1 token: this never runs out
+        frac = decoded_fraction(batch.answer, mask_id, bs)  # (B, NB)
+        ended = (batch.answer[:, :, None] == end_ids).any((1, 2))  # (B,)
+        state = update_blocks(state, frac, ended, cfg)
+        exists = state != BlockState.ABSENT
+        complete = exists & (frac == 1.0)
+        finished = ended_rows(batch.answer, mask_id, end_ids) | complete.all(1)
+        done_prefix = complete.int().cumprod(1).sum(1)  # leading complete blocks per row
+        big = torch.full_like(done_prefix, NB)
+        scalars = torch.stack(
+            [
+                torch.where(finished, big, done_prefix).min(),
+                torch.where(finished, 0, exists.sum(1)).max(),
+            ]
+        )
+        *fin, keep_blocks, n_blocks = torch.cat(
+            [finished.long(), scalars]
+        ).tolist()  # NOTE: the one host sync
+        if any(fin):
+            keep = drop_finished(rec, batch, finished, fin)
+            if keep is None:
+                break
+            state, full_ids, carry, exists = state[keep], full_ids[keep], carry[keep], exists[keep]
+            cache.batch_select_indices(keep)
+        start, end = cached, P + n_blocks * bs
+        new_cached = P + keep_blocks * bs
+        col_exists = torch.cat(
+            [torch.ones_like(batch.valid[:, :P]), exists.repeat_interleave(bs, 1)], 1
+        )
+        ids = torch.where(col_exists, full_ids, -1)[:, :end]  # absent blocks are invisible
+        logits = forward(model, rec, batch, block_causal_mask(ids, start, end), start, end, cache)
+        if end > new_cached:
+            cache.crop(-(end - new_cached))
+        if family.shift_logits:
+            preds = shift_logits(logits, carry)
+            if new_cached > start:
+                carry = logits[:, new_cached - 1 - start]
+            logits = preds
+        cached = new_cached
+        x0, conf, score = predict(logits, cfg, mask_id, gen)
+        answer_w = batch.x[:, start:end]
+        first_block = (start - P) // bs
+        state_w = state[:, first_block : first_block + (end - start) // bs]
+        chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
+        batch.x[:, start:end] = torch.where(chosen, x0, answer_w)
+        committed = torch.zeros_like(batch.answer, dtype=torch.bool)
+        committed[:, start - P : end - P] = chosen
+        rec.emit(batch, committed, state)
+    else:
+        raise RuntimeError("d2f_decode did not finish: a step committed no token (a bug)")
+    rec.close()
