@@ -300,17 +300,17 @@ def _dream_spec():
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m d2f.tiny OUT`: write tiny LLaDA and Dream checkpoints under OUT and load them."""
+    """`python -m d2f.tiny OUT`: write tiny LLaDA, Dream and AR checkpoints under OUT, load them."""
     import argparse
 
     from d2f.family import family_of
     from d2f.models import load_model
 
     parser = argparse.ArgumentParser(prog="python -m d2f.tiny", description=main.__doc__)
-    parser.add_argument("out", type=Path, help="directory to write <out>/llada and <out>/dream")
+    parser.add_argument("out", type=Path, help="directory for <out>/llada, <out>/dream, <out>/ar")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for family in ("llada", "dream"):
+    for family in ("llada", "dream", "ar"):
         path = write_tiny_checkpoint(args.out / family, family, seed=args.seed)
         model, tok = load_model(path)
         n = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,144 @@
+"""Decoding benchmark: every strategy side by side, in one run, at several batch sizes.
+
+Prints, per strategy and batch size: forwards per sequence, tokens per forward (TPF), wall time
+per generated token, tokens per second, and the share of wall time spent OUTSIDE model forwards
+(the decoder's own overhead). Speed is meant to be read as ratios within one run.
+
+    python scripts/bench_decode.py                       # tiny random LLaDA, CPU
+    python scripts/bench_decode.py --model DIR --adapter DIR --strategies d2f vanilla
+    python scripts/bench_decode.py --hidden 2048 --layers 16 --device cuda --dtype bfloat16
+
+A random checkpoint is near-uniform, so nothing would pass tau_conf; `--sharpen` scales its
+output layer to give confident, varied predictions (the default 12 for random checkpoints), so the
+pipeline really runs several blocks and commits several tokens per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from d2f.decoding import DecodeConfig, generate
+from d2f.family import family_of
+from d2f.models import load_model
+
+
+class ForwardTimer:
+    """Wall time spent inside model forwards (pre/post hooks; CUDA-synchronised)."""
+
+    def __init__(self, model):
+        self.total = 0.0
+        self._t = 0.0
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _pre(self, *args):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def _post(self, *args):
+        self._sync()
+        self.total += time.perf_counter() - self._t
+
+
+def build(args):
+    if args.model:
+        return load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    from d2f.tiny import write_tiny_checkpoint
+
+    sizes = {}
+    if args.hidden:
+        sizes = {
+            "d_model": args.hidden,
+            "n_layers": args.layers,
+            "n_heads": max(args.hidden // 128, 4),
+            "mlp_hidden_size": args.hidden * 3,
+            "max_sequence_length": 4096,
+        }
+    path = write_tiny_checkpoint(tempfile.mkdtemp(prefix="bench_"), "llada", **sizes)
+    model, tok = load_model(path, dtype=args.dtype, device=args.device)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(args.sharpen)
+    return model, tok
+
+
+def main():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default=None, help="checkpoint (default: a tiny random LLaDA)")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--hidden", type=int, default=0, help="random model width (default tiny)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--sharpen", type=float, default=12.0)
+    p.add_argument("--strategies", nargs="+", default=["d2f", "cache_only", "fast_dllm", "vanilla"])
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prompt_len", type=int, default=24)
+    p.add_argument("--block_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--tau_add", type=float, default=0.25)
+    p.add_argument("--tau_act", type=float, default=0.75)
+    p.add_argument("--tau_conf", type=float, default=0.6)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = build(args)
+    timer = ForwardTimer(model)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    print(
+        f"model: {family_of(model).name}, {sum(q.numel() for q in model.parameters()):,} parameters, "
+        f"{next(model.parameters()).dtype}, {next(model.parameters()).device}, threads {args.threads}"
+    )
+    print(
+        f"block {args.block_size}, max_new_tokens {args.max_new_tokens}, tau_add {args.tau_add}, "
+        f"tau_act {args.tau_act}, tau_conf {args.tau_conf}, prompt {args.prompt_len} tokens"
+    )
+    header = f"{'strategy':<11}{'batch':>6}{'fwd/seq':>9}{'TPF':>7}{'ms/token':>10}{'tok/s':>9}{'outside fwd':>13}"
+    print(header)
+    print("-" * len(header))
+    for bsz in args.batch_sizes:
+        prompts = [
+            torch.randint(10, vocab - 10, (args.prompt_len - (i % 5),), generator=g).tolist()
+            for i in range(bsz)
+        ]
+        for strategy in args.strategies:
+            cfg = DecodeConfig(
+                strategy=strategy,
+                block_size=args.block_size,
+                max_new_tokens=args.max_new_tokens,
+                tau_add=args.tau_add,
+                tau_act=args.tau_act,
+                tau_conf=args.tau_conf,
+            )
+            generate(model, prompts[:1], cfg)  # warm-up
+            best = None
+            for _ in range(args.repeats):
+                timer.total = 0.0
+                t0 = time.perf_counter()
+                out = generate(model, prompts, cfg)
+                wall = time.perf_counter() - t0
+                if best is None or wall < best[0]:
+                    best = (wall, timer.total, out)
+            wall, in_fwd, out = best
+            s = out.stats
+            fwd_per_seq = sum(r.forwards for r in s.rows) / len(s.rows)
+            print(
+                f"{strategy:<11}{bsz:>6}{fwd_per_seq:>9.1f}{s.tokens_per_forward:>7.2f}"
+                f"{1e3 * wall / max(s.tokens, 1):>10.2f}{s.tokens / wall:>9.0f}"
+                f"{100 * (1 - in_fwd / wall):>12.0f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()
