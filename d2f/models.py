@@ -259,8 +259,13 @@ def _write_state_dict(state: dict[str, torch.Tensor], out: Path, filename: str, 
         )
 
 
-def save_model(model, path: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB") -> Path:
-    """Write the base model (no adapter) in its family's original checkpoint format."""
+def save_model(
+    model, path: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB", state_dict=None
+) -> Path:
+    """Write the base model (no adapter) in its family's original checkpoint format.
+
+    `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
+    """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -269,7 +274,8 @@ def save_model(model, path: str | os.PathLike, tokenizer=None, max_shard_size: s
     spec: FamilySpec = model.d2f_spec
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    state = {spec.to_original_key(k): v for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {spec.to_original_key(k): v for k, v in source.items()}
     if model.config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if spec.to_hf_key(k) != "lm_head.weight"}
     _write_state_dict(state, out, "model.safetensors", max_shard_size)
@@ -279,15 +285,25 @@ def save_model(model, path: str | os.PathLike, tokenizer=None, max_shard_size: s
     return out
 
 
-def save_adapter(peft_model, path: str | os.PathLike) -> Path:
-    """Write the LoRA adapter with the family's original module and key names (PEFT format)."""
+def save_adapter(peft_model, path: str | os.PathLike, state_dict=None) -> Path:
+    """Write the LoRA adapter with the family's original module and key names (PEFT format).
+
+    `state_dict`: the peft model's full state dict to take the adapter from (e.g. gathered from FSDP
+    shards); None reads the model's own.
+    """
     from peft import get_peft_model_state_dict
 
     spec: FamilySpec = peft_model.get_base_model().d2f_spec
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {}
-    for key, value in get_peft_model_state_dict(peft_model).items():
+    # NOTE: save_embedding_layers=False: peft's "auto" re-reads the base config.json with the
+    # transformers config class (wrong for LLaDA's format; a hub request for hub ids) to guess
+    # whether embeddings were resized. A D2F adapter never touches the embeddings.
+    adapter_state = get_peft_model_state_dict(
+        peft_model, state_dict=state_dict, save_embedding_layers=False
+    )
+    for key, value in adapter_state.items():
         prefix, rest = _adapter_prefix(key)
         state[prefix + spec.to_original_key(rest)] = value
     save_file(

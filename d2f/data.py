@@ -1,0 +1,192 @@
+"""Question/answer records -> fixed-length training sequences (paper Sec. 3; PAPER_FACTS "Training").
+
+A sequence is
+
+    [ prompt | answer | end | pad ... pad ]        length = max_length
+
+with prompt = the question through the tokenizer's chat template (generation prompt included) when
+the family uses one (else the plain question), end = the family's answer-end token (LLaDA
+`<|eot_id|>`, Dream eos) and pad = the family's pad token. Records whose prompt + answer + end do not
+fit in `max_length` are skipped and counted. Sources are hub dataset ids, local dataset directories
+or local .jsonl/.json/.parquet/.csv files, concatenated in the given order.
+
+Everything here runs before the model is loaded, so a missing field or an empty dataset fails fast.
+The order of records is `EpochSampler`'s: a fresh permutation per epoch from (seed, epoch), a cursor
+that is saved in checkpoints, and the same global batch on every process (each takes its own rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from d2f.config import DataConfig, looks_local
+from d2f.family import Family
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_records(cfg: DataConfig):
+    """All sources as one `datasets.Dataset` with exactly the question and answer columns."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    parts = []
+    for i, src in enumerate(cfg.sources):
+        key = f"data.sources[{i}] ({src})"
+        path = Path(src).expanduser()
+        if path.is_file():
+            builder = _BUILDERS.get(path.suffix)
+            if builder is None:
+                raise ValueError(f"{key}: unsupported file type; use one of {sorted(_BUILDERS)}")
+            if path.stat().st_size == 0:  # datasets fails obscurely on an empty file
+                raise ValueError(f"{key}: the file is empty (no records)")
+            ds = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cfg.cache_dir
+            )
+        elif path.is_dir() and (path / "state.json").exists():  # Dataset.save_to_disk
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir() or not looks_local(src):  # a directory of data files, or a hub id
+            ds = datasets.load_dataset(
+                str(path) if path.is_dir() else src, split=cfg.split, cache_dir=cfg.cache_dir
+            )
+        else:
+            raise FileNotFoundError(f"{key}: no such file or directory")
+        for field_key, name in (
+            ("question_field", cfg.question_field),
+            ("answer_field", cfg.answer_field),
+        ):
+            if name not in ds.column_names:
+                raise ValueError(
+                    f"{key}: no field {name!r} (data.{field_key}); its fields: {ds.column_names}"
+                )
+        parts.append(ds.select_columns([cfg.question_field, cfg.answer_field]))
+    records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if cfg.max_records is not None:
+        records = records.select(range(min(cfg.max_records, len(records))))
+    if len(records) == 0:
+        raise ValueError(f"data.sources {list(cfg.sources)}: no records")
+    return records
+
+
+@dataclass
+class Encoded:
+    """Tokenized records, unpadded. ids[k] = prompt + answer + end; prompt_lens[k] = len(prompt)."""
+
+    ids: list[list[int]]
+    prompt_lens: list[int]
+    skipped: int  # records that did not fit in max_length
+    max_length: int
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_records(records, cfg: DataConfig, tokenizer, family: Family) -> Encoded:
+    """Tokenize question/answer records into sequences; skip (and count) those that do not fit."""
+    if tokenizer is None:
+        raise ValueError("model.path: the checkpoint has no tokenizer files; training needs one")
+    use_template = family.use_chat_template if cfg.chat_template is None else cfg.chat_template
+    questions = [str(q) for q in records[cfg.question_field]]
+    answers = [str(a) for a in records[cfg.answer_field]]
+    if use_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.chat_template=true but the tokenizer has no chat template")
+        texts = tokenizer.apply_chat_template(
+            [[{"role": "user", "content": q}] for q in questions],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        # the template already holds any bos; add nothing more
+        prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        prompts = tokenizer(questions)["input_ids"]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    end = family.answer_end_token_id
+    out = Encoded([], [], 0, cfg.max_length, family.pad_token_id)
+    for prompt, answer in zip(prompts, answer_ids, strict=True):
+        seq = list(prompt) + list(answer) + [end]
+        if len(seq) > cfg.max_length or not prompt:
+            out.skipped += 1
+            continue
+        out.ids.append(seq)
+        out.prompt_lens.append(len(prompt))
+    if not out.ids:
+        raise ValueError(
+            f"data.max_length={cfg.max_length}: none of the {len(questions)} records fits "
+            "(prompt + answer + end token)"
+        )
+    return out
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch. input_ids (B, L) long; prompt_lens (B,) long; lengths (B,) long = real
+    tokens (prompt + answer + end); positions >= lengths are padding."""
+
+    input_ids: Tensor
+    prompt_lens: Tensor
+    lengths: Tensor
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids[start:stop], self.prompt_lens[start:stop], self.lengths[start:stop]
+        )
+
+
+def collate(data: Encoded, indices: list[int]) -> TokenBatch:
+    """Right-pad the chosen sequences with the family's pad token to `max_length`."""
+    input_ids = torch.full((len(indices), data.max_length), data.pad_token_id, dtype=torch.long)
+    lengths = torch.empty(len(indices), dtype=torch.long)
+    for row, k in enumerate(indices):
+        seq = data.ids[k]
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        lengths[row] = len(seq)
+    prompt_lens = torch.tensor([data.prompt_lens[k] for k in indices], dtype=torch.long)
+    return TokenBatch(input_ids, prompt_lens, lengths)
+
+
+class EpochSampler:
+    """Deterministic, resumable record order: epoch e is `randperm(n)` drawn from seed + e.
+
+    `take(k)` returns the next k indices, running into the next epoch when one ends, so every
+    global batch is full. Its state (epoch, cursor) is part of each checkpoint.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError(f"EpochSampler needs at least one record, got n={n}")
+        self.n, self.seed = n, seed
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            step = min(k - len(out), self.n - self.cursor)
+            out.extend(self._perm[self.cursor : self.cursor + step])
+            self.cursor += step
+        return out
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(
+                f"the checkpoint's data had {state['n']} records, this run's has {self.n}: "
+                "resume with the same data (data.*) or start a new train.output_dir"
+            )
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
+        self._perm = self._permutation(self.epoch)

@@ -1,0 +1,203 @@
+"""The three training objectives of d2f, behind one signature (paper Sec. 3; PAPER_FACTS "Training").
+
+* `distill` (D2F asymmetric distillation, the default): the student is the base model + LoRA under the
+  block-causal mask; the teacher is the SAME weights with the adapter disabled, under full
+  bidirectional attention over the same noisy sequence, without grad. Loss: `d2f.loss.distill_terms`
+  (soft cross-entropy H(p_T, p_S), 1/ratio weighted); its KL part and the teacher entropy are logged.
+* `mdm` (plain masked diffusion, a teacher from scratch): bidirectional attention, `d2f.loss.mdm_loss`
+  against the clean tokens.
+* `ar` (the autoregressive baseline): causal attention, next-token cross-entropy on the answer and its
+  end token: `mdm_loss` with shift=True, weight 1 and the answer as "masked" targets.
+
+Every pass gets an explicit 4D additive float mask (`d2f.mask`) and explicit `position_ids`; no
+`labels=` ever reaches the model. `make_batch` turns token rows into the noisy (G, L) tensors of a
+global batch on the CPU, from one generator, so noise does not depend on how rows are split over
+processes and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import Tensor
+
+from d2f.data import TokenBatch
+from d2f.family import Family
+from d2f.loss import distill_terms, mdm_loss
+from d2f.mask import block_causal_mask, block_ids, causal_mask, full_mask, position_ids, to_additive
+from d2f.schedule import add_noise
+
+
+@dataclass
+class Batch:
+    """Model inputs and loss targets of a batch (all (B, L) unless noted).
+
+    input_ids: clean tokens x_0 (long). noisy_ids: x_t, what the model reads (long).
+    masked: positions in the loss (bool). p_mask: their nominal ratio (float; 1 where not noised).
+    blocks: d2f.mask block ids (long; 0 prompt, k >= 1 answer block, -1 = not attended).
+    valid: attended positions (bool). positions: position ids (long).
+    """
+
+    input_ids: Tensor
+    noisy_ids: Tensor
+    masked: Tensor
+    p_mask: Tensor
+    blocks: Tensor
+    valid: Tensor
+    positions: Tensor
+
+    def rows(self, start: int, stop: int) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    def to(self, device) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Plain values of the noise schedule (from `train.noise`), for `make_batch`."""
+
+    schedule: str | None  # ramp | random | single; None = no noise (AR)
+    block_size: int
+    lo: float = 0.2
+    hi: float = 0.7
+    eps: float = 1e-3
+    mask_padding: bool = True
+
+
+def make_batch(
+    tokens: TokenBatch, family: Family, noise: NoiseSpec, generator: torch.Generator
+) -> Batch:
+    """Noise a (G, L) global batch (CPU) and lay out its blocks and positions.
+
+    Padding = positions >= lengths. With `noise.mask_padding` (the released recipe) padding is an
+    ordinary maskable, attended answer token; without it padding is neither masked nor attended.
+    AR (schedule None): nothing is noised; the targets are the answer and its end token.
+    """
+    ids = tokens.input_ids  # (G, L)
+    pos = torch.arange(ids.shape[1])[None]  # (1, L)
+    pad = pos >= tokens.lengths[:, None]  # (G, L)
+    valid = torch.ones_like(pad) if noise.mask_padding else ~pad
+    blocks = block_ids(valid, tokens.prompt_lens, noise.block_size)  # (G, L)
+    if noise.schedule is None:
+        masked = (pos >= tokens.prompt_lens[:, None]) & ~pad
+        noisy = ids
+        p_mask = torch.ones(ids.shape)
+    else:
+        if family.mask_token_id is None:
+            raise ValueError(f"family {family.name!r} has no mask token: it cannot be noised")
+        noisy, masked, p_mask = add_noise(
+            ids,
+            tokens.prompt_lens,
+            family.mask_token_id,
+            noise.block_size,
+            kind=noise.schedule,
+            lo=noise.lo,
+            hi=noise.hi,
+            eps=noise.eps,
+            pad=pad,
+            mask_padding=noise.mask_padding,
+            generator=generator,
+        )
+    return Batch(ids, noisy, masked, p_mask, blocks, valid, position_ids(valid))
+
+
+def forward(model, batch: Batch, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Logits (B, L, V) of `batch.noisy_ids` under the bool mask (B, L, L), explicit positions."""
+    out = model(
+        input_ids=batch.noisy_ids,
+        attention_mask=to_additive(mask, dtype),  # (B, 1, L, L) 0 / dtype-min
+        position_ids=batch.positions,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def student_logits(model, batch: Batch, dtype: torch.dtype) -> Tensor:
+    """The D2F student: the model as it is (adapter on), block-causal attention."""
+    return forward(model, batch, block_causal_mask(batch.blocks), dtype)
+
+
+def teacher_logits(model, batch: Batch, dtype: torch.dtype) -> Tensor:
+    """The teacher: the same weights with the LoRA adapter disabled, bidirectional, no grad.
+
+    NOTE: `disable_adapter` is called on the unwrapped peft model (DDP / DeepSpeed wrappers do not
+    forward it); the forward itself goes through the wrapper, as sharded backends need.
+    """
+    peft_model = extract_model_from_parallel(model)
+    with torch.no_grad(), peft_model.disable_adapter():
+        return forward(model, batch, full_mask(batch.blocks), dtype)
+
+
+Metrics = dict[str, Tensor]
+
+
+def distill_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tuple[Tensor, Metrics]:
+    """Asymmetric distillation: loss = H(p_T, p_S) over masked tokens; logs KL and H(p_T)."""
+    t_logits = teacher_logits(model, batch, dtype)  # (B, L, V)
+    s_logits = student_logits(model, batch, dtype)  # (B, L, V)
+    terms = distill_terms(s_logits, t_logits, batch.masked, batch.p_mask, shift=family.shift_logits)
+    return terms.loss, {"kl": terms.kl.detach(), "teacher_entropy": terms.teacher_entropy}
+
+
+def mdm_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tuple[Tensor, Metrics]:
+    """Masked diffusion from the clean tokens, bidirectional attention."""
+    logits = forward(model, batch, full_mask(batch.blocks), dtype)  # (B, L, V)
+    loss = mdm_loss(logits, batch.input_ids, batch.masked, batch.p_mask, shift=family.shift_logits)
+    return loss, {}
+
+
+def ar_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tuple[Tensor, Metrics]:
+    """Next-token cross-entropy on the answer (+ end token) under the causal mask."""
+    logits = forward(model, batch, causal_mask(batch.valid), dtype)  # (B, L, V)
+    # logits[j - 1] predicts token j (shift=True); weight 1; the per-row mean of mdm_loss
+    loss = mdm_loss(logits, batch.input_ids, batch.masked, batch.p_mask, shift=True)
+    return loss, {}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective: its step function and what it needs from the trainer."""
+
+    step: Callable[..., tuple[Tensor, Metrics]]
+    schedule: str | None  # default noise schedule; None: the objective reads clean tokens
+    lora: bool  # trains a LoRA adapter on a frozen base (else every weight)
+    needs_mask_token: bool  # a dLLM family (mask token, bidirectional); else a causal AR family
+    legend: str  # what the logged numbers are
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "distill": Objective(
+        distill_step,
+        "ramp",
+        lora=True,
+        needs_mask_token=True,
+        legend="loss = H(p_T, p_S), the optimised soft cross-entropy = kl + teacher_entropy; "
+        "kl = KL(p_T || p_S), student vs teacher; both 1/ratio weighted, per-sequence means",
+    ),
+    "mdm": Objective(
+        mdm_step,
+        "single",
+        lora=False,
+        needs_mask_token=True,
+        legend="loss = masked-diffusion cross-entropy vs the clean tokens, 1/t weighted",
+    ),
+    "ar": Objective(
+        ar_step,
+        None,
+        lora=False,
+        needs_mask_token=False,
+        legend="loss = next-token cross-entropy on the answer and its end token",
+    ),
+}
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast of the forward passes (the losses upcast to fp32 themselves)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Train with d2f (python -m d2f.train) through accelerate.
+#
+#   bash scripts/train.sh [FLAGS] [PRESET] [key=value ...]
+#
+#   PRESET        llada | dream | tiny (configs/PRESET.yaml; default llada)
+#   key=value     Hydra overrides, e.g. model.path=... train.max_steps=100 (docs/training.md)
+#   --launcher L  auto (default: ddp with more than one GPU, else one process) | none | ddp | zero2 |
+#                 fsdp (configs/accelerate/L.yaml) | cpu (gloo processes on the CPU)
+#   --nproc N     processes (default: the number of GPUs, or 1)
+#   --port P      rendezvous port of the processes (default 29500)
+#   --dry-run     print the resolved config and the launch command, train nothing
+#   --help        this text, then as --dry-run
+#
+# Paths in overrides are relative to the repository root. Environment: PYTHON (default python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+
+launcher=auto nproc="" port=29500 dry=0 preset=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h | --help) usage; echo; dry=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    --launcher) launcher="$2"; shift 2 ;;
+    --nproc) nproc="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --) shift; break ;;
+    -*) echo "train.sh: unknown flag $1" >&2; usage >&2; exit 2 ;;
+    *)
+      if [[ -z "$preset" && "$1" != *=* ]]; then preset="$1"; shift; else break; fi ;;
+  esac
+done
+preset="${preset:-llada}"
+if [[ ! -f "configs/$preset.yaml" ]]; then
+  echo "train.sh: no preset configs/$preset.yaml (have: $(cd configs && ls *.yaml | sed 's/.yaml//' | xargs))" >&2
+  exit 2
+fi
+
+gpus=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l) || echo 0)
+nproc="${nproc:-$((gpus > 0 ? gpus : 1))}"
+if [[ "$launcher" == auto ]]; then
+  launcher=$([[ "$gpus" -gt 1 ]] && echo ddp || echo none)
+fi
+
+train=(-m d2f.train --config-name "$preset" "$@")
+case "$launcher" in
+  none) cmd=("$PYTHON" "${train[@]}") ;;
+  ddp | zero2 | fsdp)
+    cmd=("$PYTHON" -m accelerate.commands.launch --config_file "configs/accelerate/$launcher.yaml"
+      --num_processes "$nproc" --main_process_port "$port" "${train[@]}") ;;
+  cpu)  # NOTE: `accelerate launch --cpu --num_processes 2` starts ONE process (upstream issue)
+    cmd=(env ACCELERATE_USE_CPU=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu
+      --num_processes "$nproc" --num_machines 1 --mixed_precision no --dynamo_backend no
+      --main_process_port "$port"
+      "${train[@]}") ;;
+  *) echo "train.sh: unknown launcher $launcher (none, ddp, zero2, fsdp, cpu)" >&2; exit 2 ;;
+esac
+
+if [[ "$dry" == 1 ]]; then
+  echo "# resolved config (configs/$preset.yaml + overrides)"
+  "$PYTHON" -m d2f.train --config-name "$preset" "$@" dry_run=true
+  echo "# launch command"
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"
