@@ -40,11 +40,15 @@ class DistillTerms(NamedTuple):
     teacher_entropy: Tensor
 
 
-def _masked_positions(masked: Tensor, p_mask: Tensor, shift: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _masked_positions(
+    masked: Tensor, p_mask: Tensor, shift: bool, maskable: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Row and column of every masked token, and its weight ``1 / (p_i |M_b| |R|)``.
 
     masked: (B, L) bool; p_mask: (B, L). Returns rows (N,) long, cols (N,) long (indices into the
     logits, already shifted) and weight (N,) float32, so that ``loss = sum_i weight_i * ell_i``.
+    maskable: optional (B, L) bool; when given, |M_b| is the row's number of MASKABLE positions
+    and R the rows with any (the ELBO normalisation, see `mdm_loss`).
     """
     if masked.shape != p_mask.shape or masked.dim() != 2:
         raise ValueError(
@@ -53,7 +57,8 @@ def _masked_positions(masked: Tensor, p_mask: Tensor, shift: bool) -> tuple[Tens
         )
     if shift:  # token j is predicted by logits row j - 1
         masked, p_mask = masked[:, 1:], p_mask[:, 1:]
-    counts = masked.sum(dim=1)  # (B,) |M_b|
+        maskable = None if maskable is None else maskable[:, 1:]
+    counts = (masked if maskable is None else maskable).sum(dim=1)  # (B,) |M_b|
     n_rows = (counts > 0).sum().clamp(min=1)  # |R|; clamp only matters when N == 0
     rows, cols = masked.nonzero(as_tuple=True)  # (N,), (N,), row-major order
     weight = 1.0 / (p_mask[rows, cols].float() * counts[rows] * n_rows)
@@ -118,17 +123,25 @@ def mdm_loss(
     masked: Tensor,
     p_mask: Tensor,
     shift: bool = False,
+    maskable: Tensor | None = None,
 ) -> Tensor:
     """Masked-diffusion loss against the clean tokens (training a teacher from scratch).
 
     ``ell_i = -log p_S(x_0[i])`` with the same ``1 / p_i`` weighting, reduction and ``shift`` as
     :func:`distill_terms`; equals ``distill_loss`` with a one-hot teacher.
     logits: (B, L, V) any float dtype; clean_ids: (B, L) long. Returns a float32 scalar.
+
+    maskable: (B, L) bool of the positions that COULD be masked (the answer). When given, each
+    row's sum is divided by its maskable count instead of its masked count: the ELBO of masked
+    diffusion, ``1/L_b sum_{i in M_b} ell_i / t`` (LLaDA's normalisation). NOTE: use it with the
+    `single` schedule (t ~ U(eps, 1]): dividing by the masked count (~ t L_b) as well as by t
+    weights a row by ~1/t^2, so the rare nearly-clean rows (t ~ eps) dominate the gradient and a
+    tiny teacher trained that way never learns (measured: 8% vs >85% on the miniature world).
     """
     _check_logits(logits, masked, "logits")
     if clean_ids.shape != masked.shape:
         raise ValueError(f"clean_ids must be {tuple(masked.shape)}, got {tuple(clean_ids.shape)}")
-    rows, cols, weight = _masked_positions(masked, p_mask, shift)
+    rows, cols, weight = _masked_positions(masked, p_mask, shift, maskable)
     targets = clean_ids[:, 1:] if shift else clean_ids
     nll = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")  # (N,)
     return (weight * nll).sum()

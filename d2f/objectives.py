@@ -5,7 +5,7 @@
   bidirectional attention over the same noisy sequence, without grad. Loss: `d2f.loss.distill_terms`
   (soft cross-entropy H(p_T, p_S), 1/ratio weighted); its KL part and the teacher entropy are logged.
 * `mdm` (plain masked diffusion, a teacher from scratch): bidirectional attention, `d2f.loss.mdm_loss`
-  against the clean tokens.
+  against the clean tokens, normalised by the answer length (the ELBO; see mdm_loss's NOTE).
 * `ar` (the autoregressive baseline): causal attention, next-token cross-entropy on the answer and its
   end token: `mdm_loss` with shift=True, weight 1 and the answer as "masked" targets.
 
@@ -147,7 +147,15 @@ def distill_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tup
 def mdm_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tuple[Tensor, Metrics]:
     """Masked diffusion from the clean tokens, bidirectional attention."""
     logits = forward(model, batch, full_mask(batch.blocks), dtype)  # (B, L, V)
-    loss = mdm_loss(logits, batch.input_ids, batch.masked, batch.p_mask, shift=family.shift_logits)
+    maskable = batch.blocks >= 1  # the answer (and attended padding): ELBO normalisation
+    loss = mdm_loss(
+        logits,
+        batch.input_ids,
+        batch.masked,
+        batch.p_mask,
+        shift=family.shift_logits,
+        maskable=maskable,
+    )
     return loss, {}
 
 
@@ -184,7 +192,8 @@ OBJECTIVES: dict[str, Objective] = {
         "single",
         lora=False,
         needs_mask_token=True,
-        legend="loss = masked-diffusion cross-entropy vs the clean tokens, 1/t weighted",
+        legend="loss = masked-diffusion ELBO: cross-entropy vs the clean tokens, 1/t weighted, "
+        "per answer token",
     ),
     "ar": Objective(
         ar_step,

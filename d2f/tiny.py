@@ -120,6 +120,7 @@ def llada_config(
     n_heads: int = 4,
     mlp_hidden_size: int = 96,
     max_sequence_length: int = 512,
+    rope_theta: float = 500000.0,
 ) -> dict[str, Any]:
     """An original LLaDA `config.json` dict (the fields of GSAI-ML/LLaDA-8B-Instruct), sized down."""
     return {
@@ -139,7 +140,7 @@ def llada_config(
         "embedding_size": vocab_size,
         "max_sequence_length": max_sequence_length,
         "rope": True,
-        "rope_theta": 500000.0,
+        "rope_theta": rope_theta,
         "rms_norm_eps": 1e-05,
         "layer_norm_type": "rms",
         "activation_type": "silu",

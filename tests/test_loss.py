@@ -170,3 +170,18 @@ def test_bf16_computed_in_fp32():
     got_mdm = mdm_loss(student, clean, masked, p_mask)
     assert got_mdm.dtype == torch.float32
     torch.testing.assert_close(got_mdm, mdm_loss(student.float(), clean, masked, p_mask))
+
+
+def test_mdm_loss_elbo_normalisation_by_maskable_count():
+    """With `maskable`, a row's sum of CE / t is divided by its maskable (answer) count, not by its
+    masked count: 1 masked of 3 maskable at t = 0.5 gives CE / 0.5 / 3 (hand value)."""
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 1] = torch.tensor([2.0, 0.0, -1.0])
+    clean = torch.tensor([[0, 1, 2, 0]])
+    masked = torch.tensor([[False, True, False, False]])
+    maskable = torch.tensor([[False, True, True, True]])
+    p_mask = torch.full((1, 4), 0.5)
+    ce = -(0.0 - math.log(math.exp(2.0) + 1.0 + math.exp(-1.0)))  # -log softmax(.)[1]
+    got = mdm_loss(logits, clean, masked, p_mask, maskable=maskable)
+    assert got.item() == pytest.approx(ce / 0.5 / 3, rel=1e-6)
+    assert mdm_loss(logits, clean, masked, p_mask).item() == pytest.approx(ce / 0.5, rel=1e-6)
