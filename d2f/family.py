@@ -67,6 +67,10 @@ class FamilySpec:
     def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
         raise NotImplementedError
 
+    def write_tokenizer(self, tokenizer, out) -> None:
+        """Save `tokenizer` into directory `out` in the family's original layout."""
+        tokenizer.save_pretrained(str(out))
+
     def to_hf_key(self, key: str) -> str:
         for pattern, repl in self.key_mapping.items():
             key = re.sub(pattern, repl, key)
@@ -142,6 +146,23 @@ class LLaDASpec(FamilySpec):
             r"^model\.layers\.(\d+)\.mlp\.up_proj\.": r"model.transformer.blocks.\1.up_proj.",
             r"^model\.layers\.(\d+)\.mlp\.down_proj\.": r"model.transformer.blocks.\1.ff_out.",
         }
+
+    def write_tokenizer(self, tokenizer, out) -> None:
+        """LLaDA's hub layout: `PreTrainedTokenizerFast` named, chat template inside
+        `tokenizer_config.json` (transformers 5 would write the class as TokenizersBackend and the
+        template to a separate chat_template.jinja)."""
+        import json
+        from pathlib import Path
+
+        tokenizer.save_pretrained(str(out))
+        cfg_path = Path(out) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        jinja = Path(out) / "chat_template.jinja"
+        if jinja.exists():
+            cfg["chat_template"] = jinja.read_text()
+            jinja.unlink()
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
         for key, want in self._supported.items():

@@ -281,7 +281,7 @@ def save_model(
     _write_state_dict(state, out, "model.safetensors", max_shard_size)
     (out / "config.json").write_text(json.dumps(family.original_config, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        spec.write_tokenizer(tokenizer, out)
     return out
 
 

@@ -253,8 +253,6 @@ def write_tiny_checkpoint(
         raw = llada_config(vocab, tok.mask_token_id, tok.eos_token_id, tok.bos_token_id, **sizes)
         model = build_model(raw, tokenizer=tok, seed=seed)
         save_model(model, out, tokenizer=tok if with_tokenizer else None)
-        if with_tokenizer:
-            _as_llada_tokenizer_config(out)
     elif family == "ar":
         tok = llada_tokenizer()
         vocab = len(tok) + 2
@@ -262,8 +260,6 @@ def write_tiny_checkpoint(
         raw = ar_config(vocab, tok.convert_tokens_to_ids("<|eot_id|>"), tok.bos_token_id, **sizes)
         model = build_model(raw, tokenizer=tok, seed=seed)
         save_model(model, out, tokenizer=tok if with_tokenizer else None)
-        if with_tokenizer:
-            _as_llada_tokenizer_config(out)
     elif family == "dream":
         write_dream_tokenizer_files(out)
         from d2f.models import load_tokenizer
@@ -280,18 +276,6 @@ def write_tiny_checkpoint(
     else:
         raise ValueError(f"unknown family {family!r}; supported: 'llada', 'dream', 'ar'")
     return out
-
-
-def _as_llada_tokenizer_config(out: Path) -> None:
-    """Rewrite transformers 5's tokenizer files in the layout of LLaDA's hub repo."""
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    jinja = out / "chat_template.jinja"
-    if jinja.exists():
-        cfg["chat_template"] = jinja.read_text()
-        jinja.unlink()
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _dream_spec():

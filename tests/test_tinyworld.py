@@ -1,0 +1,90 @@
+"""The miniature world: the shipped models must work; the whole quickstart runs (slow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from d2f.decoding import DecodeConfig, generate
+from d2f.family import family_of
+from d2f.models import load_model
+from d2f.tinyworld.pretrain import ASSETS
+from d2f.tinyworld.task import records
+
+
+def _accuracy(model, tok, cfg, n=40):
+    recs = records("add2", "test", n)
+    out = generate(model, [r["question"] for r in recs], cfg, tokenizer=tok)
+    right = [
+        t.strip().endswith(r["answer"].split("####")[-1].strip()) and "####" in t
+        for t, r in zip(out.texts, recs, strict=True)
+    ]
+    return sum(right) / len(right)
+
+
+def test_shipped_teacher_solves_held_out_problems():
+    """A broken checkpoint or tokenizer cannot ship: vanilla accuracy far above chance (~0%)."""
+    model, tok = load_model(ASSETS / "teacher")
+    assert family_of(model).name == "llada" and tok is not None
+    acc = _accuracy(model, tok, DecodeConfig(strategy="vanilla", block_size=8, max_new_tokens=24))
+    assert acc >= 0.6, acc
+
+
+def test_shipped_ar_baseline_and_manifest():
+    model, tok = load_model(ASSETS / "ar")
+    assert family_of(model).causal
+    acc = _accuracy(model, tok, DecodeConfig(strategy="ar", block_size=8, max_new_tokens=24))
+    assert acc >= 0.6, acc
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    for kind in ("teacher", "ar"):
+        info = manifest["models"][kind]
+        assert info["steps"] > 0 and info["train_wall_s"] > 0
+        assert 0 <= info["held_out_eval"]["exact_match_strict"] <= 1
+        size = sum(f.stat().st_size for f in (ASSETS / kind).iterdir())
+        assert size < 5 * 2**20, f"{kind} is {size} bytes"
+    assert manifest["command"].startswith("python -m d2f.tinyworld.pretrain")
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_shrunk(tmp_path):
+    """The whole pipeline, --fresh, with seconds of training: every artifact and column exists,
+    and a second run is served from the cache."""
+    out = tmp_path / "tw"
+    cmd = [
+        sys.executable,
+        "-m",
+        "d2f.tinyworld.quickstart",
+        "--out",
+        str(out),
+        "--fresh",
+        "--pretrain_args",
+        "--teacher_steps 20 --ar_steps 20 --eval_n 8",
+        "--student_steps 10",
+        "--n",
+        "8",
+        "--big_batch",
+        "4",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (out / "results" / "table.md").read_text()
+    for row in (
+        "vanilla dLLM",
+        "Fast-dLLM style",
+        "D2F, no distillation",
+        "D2F cache-only",
+        "D2F pipelined",
+        "autoregressive",
+    ):
+        assert row in table
+    for col in ("score", "TPF", "gen len", "TPS b1", "latency b1 (s)", "speed-up b1", "TPS b4"):
+        assert col in table
+    assert (out / "results" / "table.csv").exists()
+    assert (out / "results" / "decode_student.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((next(out.glob("cache/pretrained-*")) / "manifest.json").read_text())[
+        "models"
+    ]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "built in" not in second.stdout
+    assert (out / "results" / "table.md").read_text().count("|") == table.count("|")
