@@ -65,7 +65,9 @@ def render_png(
 
     grid = decode_grid(trace, row)
     steps, G = grid.shape
-    fig, ax = plt.subplots(figsize=(min(2 + G * 0.18, 24), min(1.5 + steps * 0.18, 24)))
+    fig, ax = plt.subplots(
+        figsize=(min(max(8, 2 + G * 0.18), 24), min(max(2.5, 1.5 + steps * 0.25), 24))
+    )
     cmap = ListedColormap([COLOURS[k] for k in sorted(COLOURS)])
     ax.imshow(
         grid.numpy(),
@@ -77,7 +79,7 @@ def render_png(
     )
     ax.set_xlabel("answer position")
     ax.set_ylabel("decoding step")
-    ax.set_title(title or f"D2F decode of prompt {row}: {steps} steps, {G} positions")
+    ax.set_title(title or f"D2F decode of prompt {row}: {steps} steps, {G} positions", fontsize=9)
     handles = [Patch(facecolor=COLOURS[k], edgecolor="#555", label=v) for k, v in LEGEND.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()

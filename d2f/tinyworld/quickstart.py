@@ -234,6 +234,10 @@ def _read_eval(run: Path) -> dict:
     return {"score": task["exact_match,strict-match"], **speed}
 
 
+def _ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x" if baseline > 0 else "n/a"  # n/a: the baseline made no tokens
+
+
 def _write_table(table: list[dict], results: Path, args) -> None:
     results.mkdir(parents=True, exist_ok=True)
     big = f"b{args.big_batch}"
@@ -262,9 +266,9 @@ def _write_table(table: list[dict], results: Path, args) -> None:
                 f"{b1['gen_length']:.1f}",
                 f"{b1['tokens_per_second']:.0f}",
                 f"{b1['latency_s']:.3f}",
-                f"{b1['tokens_per_second'] / vanilla['b1']['tokens_per_second']:.2f}x",
+                _ratio(b1["tokens_per_second"], vanilla["b1"]["tokens_per_second"]),
                 f"{bb['tokens_per_second']:.0f}",
-                f"{bb['tokens_per_second'] / vanilla[big]['tokens_per_second']:.2f}x",
+                _ratio(bb["tokens_per_second"], vanilla[big]["tokens_per_second"]),
             ]
         )
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
