@@ -45,7 +45,6 @@ _PUNCT = list(".,:;?!()[]{}=+-*/#'\"<>_") + ["####", "\n"]
 
 def llada_tokenizer(extra_words: tuple[str, ...] = ()):
     """A word-level tokenizer with LLaDA's special tokens, digits split one per token."""
-    from transformers import PreTrainedTokenizerFast
 
     vocab_list = list(LLADA_SPECIALS) + [str(d) for d in range(10)] + _PUNCT + list(_WORDS)
     vocab_list += [w for w in extra_words if w not in vocab_list]
@@ -60,6 +59,13 @@ def llada_tokenizer(extra_words: tuple[str, ...] = ()):
         ]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return as_llada_tokenizer(tok)
+
+
+def as_llada_tokenizer(tok: Tokenizer):
+    """Wrap a `tokenizers.Tokenizer` holding LLaDA's special tokens as LLaDA's HF tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|startoftext|>",

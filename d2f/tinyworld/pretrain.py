@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from d2f.tinyworld.world import World, WorldSpec, build_world
+from d2f.tinyworld.world import World, WorldSpec, build_world, train_overrides
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # decoding used to score the shipped models (vanilla for the teacher, as its own sampler)
@@ -31,25 +31,19 @@ def train(
 ) -> Path:
     """Train the teacher (`kind="teacher"`, mdm) or the AR baseline (`"ar"`); returns its model dir."""
     init = world.teacher_init if kind == "teacher" else world.ar_init
+    overrides = train_overrides(
+        spec, f"tinyworld_{kind}", init, world.data, run_dir, threads, steps
+    )
     cmd = [
         sys.executable,
         "-m",
         "d2f.train",
         "--config-name",
         "tiny",
-        f"train=tinyworld_{kind}",
-        f"model.path={init}",
+        *overrides,
         "model.init=scratch",
         f"model.init_seed={spec.seed}",
-        f"data.sources=[{world.data}]",
-        "data.answer_field=answer",
-        f"data.max_length={spec.max_length}",
-        f"train.output_dir={run_dir}",
-        f"train.threads={threads}",
-        f"train.seed={spec.seed}",
     ]
-    if steps is not None:
-        cmd.append(f"train.max_steps={steps}")
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     (last,) = sorted(run_dir.glob("checkpoint-*"))[-1:]

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 from d2f.tinyworld.pretrain import ASSETS
-from d2f.tinyworld.world import WorldSpec, build_world
+from d2f.tinyworld.world import WorldSpec, build_world, train_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 D2F_DECODE = {
@@ -97,21 +97,10 @@ def cached(root: Path, stage: str, key: str, build) -> Path:
 def distil(
     tmp: Path, teacher: Path, data: Path, spec: WorldSpec, threads: int, steps: int | None
 ) -> None:
-    cmd = [
-        "bash",
-        str(REPO / "scripts" / "train.sh"),
-        "tiny",
-        "train=tinyworld_student",
-        f"model.path={teacher}",
-        f"data.sources=[{data}]",
-        "data.answer_field=answer",
-        f"data.max_length={spec.max_length}",
-        f"train.output_dir={tmp / 'run'}",
-        f"train.threads={threads}",
-        f"train.seed={spec.seed}",
-    ]
-    if steps is not None:
-        cmd.append(f"train.max_steps={steps}")
+    overrides = train_overrides(
+        spec, "tinyworld_student", teacher, data, tmp / "run", threads, steps
+    )
+    cmd = ["bash", str(REPO / "scripts" / "train.sh"), "tiny", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHON": sys.executable})
     (last,) = sorted((tmp / "run").glob("checkpoint-*"))[-1:]

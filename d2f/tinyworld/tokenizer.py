@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from d2f.tiny import LLADA_CHAT_TEMPLATE, LLADA_SPECIALS
+from d2f.tiny import LLADA_SPECIALS, as_llada_tokenizer
 
 # words, numbers, "####", and any other single non-space character
 _SPLIT = Regex(r"####|[0-9]+|[A-Za-z_]+|[^\sA-Za-z0-9]")
@@ -24,8 +24,6 @@ _CONT = "~~"  # WordPiece continuation prefix of digits inside a number
 
 def train_tokenizer(texts: Iterable[str]):
     """A `PreTrainedTokenizerFast` whose word vocabulary is learned from `texts`."""
-    from transformers import PreTrainedTokenizerFast
-
     words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -50,13 +48,4 @@ def train_tokenizer(texts: Iterable[str]):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(_SPLIT, behavior="isolated")]
     )
     tok.decoder = decoders.WordPiece(prefix=_CONT, cleanup=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="[UNK]",
-        mask_token="<|mdm_mask|>",
-        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        chat_template=LLADA_CHAT_TEMPLATE,
-    )
+    return as_llada_tokenizer(tok)

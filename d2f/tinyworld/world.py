@@ -81,3 +81,26 @@ def build_world(out: str | Path, spec: WorldSpec = WorldSpec()) -> World:
         SPECS["llada"].write_tokenizer(tok, d)  # LLaDA's tokenizer layout for both
         dirs[name] = d
     return World(data, dirs["teacher_init"], dirs["ar_init"])
+
+
+def train_overrides(
+    spec: WorldSpec,
+    preset: str,
+    model_path: Path,
+    data: Path,
+    output_dir: Path,
+    threads: int,
+    steps: int | None = None,
+) -> list[str]:
+    """Hydra overrides of `configs/tiny.yaml` that train on the world with `train=<preset>`."""
+    overrides = [
+        f"train={preset}",
+        f"model.path={model_path}",
+        f"data.sources=[{data}]",
+        "data.answer_field=answer",
+        f"data.max_length={spec.max_length}",
+        f"train.output_dir={output_dir}",
+        f"train.threads={threads}",
+        f"train.seed={spec.seed}",
+    ]
+    return overrides + ([] if steps is None else [f"train.max_steps={steps}"])
