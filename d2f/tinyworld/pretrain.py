@@ -79,8 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     spec = WorldSpec()
     work = args.work
-    if work.exists():
+    marker = work / ".d2f_pretrain_work"
+    if work.exists() and any(work.iterdir()):
+        if not marker.exists():  # never delete a directory we did not make
+            raise SystemExit(f"--work {work} exists and is not a pretrain work directory")
         shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     world = build_world(work / "world", spec)
     manifest = {
         "command": "python -m d2f.tinyworld.pretrain " + " ".join(argv or sys.argv[1:]),
