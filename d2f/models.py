@@ -130,11 +130,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    merge_adapter: bool = False,
 ):
     """Load a dLLM (and optionally a LoRA adapter) from a hub id or a local original-format directory.
 
     Returns `(model, tokenizer)`; `tokenizer` is None when the checkpoint has no tokenizer files.
-    The model is in eval mode; its family facts are `d2f.family_of(model)`.
+    The model is in eval mode; its family facts are `d2f.family_of(model)`. `merge_adapter=True`
+    folds the LoRA weights into the base weights (faster inference; the adapter can no longer be
+    disabled, so no teacher pass).
     """
     raw = read_config(name_or_path)
     spec = detect_spec(raw, where=f"{name_or_path}/config.json")
@@ -180,6 +183,8 @@ def load_model(
     model.eval()
     if adapter is not None:
         model = load_adapter(model, adapter, adapter_config)
+        if merge_adapter:
+            model = model.merge_and_unload()
         model.eval()
     return model, tokenizer
 

@@ -4,8 +4,9 @@
         strategy=d2f,block_size=32,tau_add=0.1,tau_act=0.95,tau_conf=0.9,max_new_tokens=512 \\
         --tasks gsm8k --batch_size 4 --output_path out/gsm8k --log_samples
 
-Model args: `pretrained`, `adapter`, `dtype`, `device`, `attn_implementation`, `mc_samples`
-(loglikelihood), `seed`, `add_bos`, `stats_dir` (set by `python -m d2f.eval` from --output_path),
+Model args: `pretrained`, `adapter`, `merge_adapter` (default true: LoRA folded into the weights for
+speed), `dtype`, `device`, `attn_implementation`, `mc_samples` (loglikelihood), `seed`, `add_bos`,
+`stats_dir` (set by `python -m d2f.eval` from --output_path),
 and every `DecodeConfig` field (`strategy` picks D2F or a baseline).
 
 - `generate_until`: batches of `--batch_size` prompts of one task through `d2f.generate`; text cut
@@ -78,6 +79,7 @@ class D2FLM(TemplateLM):
         mc_samples: int = 32,
         seed: int = 0,
         add_bos: bool | None = None,
+        merge_adapter: bool = True,
         stats_dir: str | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it; unused
         **decode_kwargs,
@@ -113,6 +115,7 @@ class D2FLM(TemplateLM):
             dtype=dtype,
             device=device,
             attn_implementation=attn_implementation,
+            merge_adapter=merge_adapter,
         )
         if self.tokenizer is None:
             raise ValueError(f"{pretrained}: no tokenizer files; lm-eval needs a tokenizer")

@@ -275,3 +275,16 @@ def test_autoregressive_baseline_stays_causal(tiny_dir):
     ids = _ids(tok)
     valid = torch.ones_like(ids, dtype=torch.bool)
     torch.testing.assert_close(_logits(model, ids), _logits(model, ids, causal_mask(valid)))
+
+
+def test_merged_adapter_gives_the_same_logits(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    base_dir = tiny_dir("llada")
+    raw = read_config(base_dir)
+    _write_original_llada_adapter(base_dir, tmp_path / "ad", raw["n_layers"], raw["d_model"])
+    peft_model, tok = load_model(base_dir, adapter=tmp_path / "ad")
+    merged, _ = load_model(base_dir, adapter=tmp_path / "ad", merge_adapter=True)
+    assert not isinstance(merged, PeftModel) and family_of(merged).name == "llada"
+    ids = _ids(tok)
+    torch.testing.assert_close(_logits(merged, ids), _logits(peft_model, ids), atol=1e-5, rtol=1e-5)

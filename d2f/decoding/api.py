@@ -118,11 +118,13 @@ def generate(
     device = next(model.parameters()).device
     rec = Recorder(len(ids), cfg.gen_length, device, callback)
     was_training = model.training
-    model.eval()
+    if was_training:  # NOTE: toggling walks every module: only when needed (ms per call otherwise)
+        model.eval()
     try:
         DECODERS[cfg.strategy](model, ids, cfg, family, rec)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return _output(rec, family, tokenizer, trace)
 
 

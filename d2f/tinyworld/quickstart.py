@@ -31,6 +31,7 @@ from d2f.tinyworld.pretrain import ASSETS
 from d2f.tinyworld.world import WorldSpec, build_world, train_overrides
 
 REPO = Path(__file__).resolve().parents[2]
+EVAL_VERSION = "2: adapters merged for inference"  # part of the eval cache keys: bump to re-measure
 D2F_DECODE = {
     "block_size": 4,
     "max_new_tokens": 24,
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = {"row": row.name, "model": row.model, "strategy": row.decode["strategy"]}
         for batch in (1, args.big_batch):
             key = digest(
+                EVAL_VERSION,
                 base,
                 adapter if adapter else "-",
                 json.dumps(row.decode, sort_keys=True),
