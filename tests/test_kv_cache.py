@@ -79,3 +79,24 @@ def test_cache_is_not_trivially_equal(tiny_dir):
     wrong_pos = pos + 1  # positions off by one: RoPE makes the logits differ
     win = _forward(model, ids, blocks, wrong_pos, P, P + BS, cache)
     assert (win - full[:, P : P + BS]).abs().max() > 1e-4
+
+
+def test_flex_block_mask_inside_the_model_matches_the_float_mask(tiny_dir, family_name):
+    """The flex-attention BlockMask form of the rule gives the model's logits of the additive form
+    (flex runs unfused on CPU; tests/test_gpu.py repeats this on CUDA)."""
+    from d2f.mask import flex_block_mask
+    from d2f.models import load_model
+
+    sdpa, _ = load_model(tiny_dir(family_name), attn_implementation="sdpa")
+    flex, _ = load_model(tiny_dir(family_name), attn_implementation="flex_attention")
+    torch.manual_seed(0)
+    ids = torch.randint(10, 100, (2, 16))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :3] = False
+    blocks = block_ids(valid, torch.tensor([6, 6]), BS)
+    pos = position_ids(valid)
+    with torch.no_grad():
+        mask = to_additive(block_causal_mask(blocks))
+        a = sdpa(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = flex(input_ids=ids, attention_mask=flex_block_mask(blocks), position_ids=pos).logits
+    torch.testing.assert_close(a[valid], b[valid], atol=1e-5, rtol=1e-5)
