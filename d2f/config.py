@@ -1,6 +1,6 @@
 """Typed configuration of the D2F trainer (paper Sec. 3 "asymmetric distillation"; PAPER_FACTS).
 
-The dataclasses below are the source of truth; Hydra YAML under `configs/` only selects and
+The dataclasses below are the source of truth; Hydra YAML under `d2f/configs/` only selects and
 overrides them. `register_configs()` stores the schema in Hydra's ConfigStore, so a misspelt key
 fails at composition time, and `__post_init__` checks every value when the composed config is turned
 into objects (`OmegaConf.to_object`), before any data or weights are read. Error messages name the
@@ -16,28 +16,18 @@ Layout (one Hydra group per top-level section):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING
+
+from d2f.paths import is_local
 
 FAMILIES = ("llada", "dream", "ar")  # d2f.family.SPECS names (checked against it in d2f.train)
 OBJECTIVES = ("distill", "mdm", "ar")
 SCHEDULES = ("ramp", "random", "single")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")  # both take our explicit 4D additive masks
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def looks_local(source: str) -> bool:
-    """True when `source` names a local path rather than a hub id ("org/name")."""
-    return (
-        source.startswith(("/", ".", "~"))
-        or source.count("/") > 1
-        or source.endswith(DATA_SUFFIXES)
-        or os.path.exists(source)
-    )
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:
@@ -65,7 +55,7 @@ class ModelConfig:
         # NOTE: OmegaConf builds the schema with MISSING defaults; required fields are enforced by
         # OmegaConf itself (MissingMandatoryValue), so a MISSING value skips the checks here.
         _check(self.path != "", "model.path", "must be set", self.path)
-        if self.path != MISSING and looks_local(self.path):
+        if self.path != MISSING and is_local(self.path):
             _check(
                 Path(self.path).expanduser().is_dir(),
                 "model.path",
@@ -100,7 +90,7 @@ class DataConfig:
             sources,
         )
         for i, src in enumerate(sources):
-            if looks_local(src):
+            if is_local(src):
                 _check(
                     Path(src).expanduser().exists(),
                     f"data.sources[{i}]",
@@ -246,12 +236,12 @@ def register_configs() -> None:
 
 
 def config_dir() -> Path:
-    """The repository's `configs/` directory (presets and groups)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """The package's `d2f/configs/` directory (presets and groups; package data, so it works installed)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> RunConfig:
-    """Compose `configs/<preset>.yaml` with dotted overrides and validate it (no Hydra run dir)."""
+    """Compose `d2f/configs/<preset>.yaml` with dotted overrides and validate it (no Hydra run dir)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 

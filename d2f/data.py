@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from d2f.config import DataConfig, looks_local
+from d2f.config import DataConfig
 from d2f.family import Family
+from d2f.paths import is_local
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -49,7 +50,7 @@ def load_records(cfg: DataConfig):
             )
         elif path.is_dir() and (path / "state.json").exists():  # Dataset.save_to_disk
             ds = datasets.load_from_disk(str(path))
-        elif path.is_dir() or not looks_local(src):  # a directory of data files, or a hub id
+        elif path.is_dir() or not is_local(src):  # a directory of data files, or a hub id
             ds = datasets.load_dataset(
                 str(path) if path.is_dir() else src, split=cfg.split, cache_dir=cfg.cache_dir
             )

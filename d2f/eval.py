@@ -5,7 +5,7 @@
     accelerate launch --multi_gpu --num_processes 8 -m d2f.eval ...   # data parallel
 
 Everything is lm-eval's CLI (`lm-eval run --help`). This launcher only (1) imports the `d2f`
-model so that lm-eval can find it, (2) adds the repo's `eval/tasks` to the task search path (next
+model so that lm-eval can find it, (2) adds the package's `d2f/lmeval/tasks` to the task search path (next
 to any --include_path you give), and (3) tells the model where to write its speed statistics
 (`d2f_speed.json` in --output_path). It is an entry-point shim: no library module imports it.
 """
@@ -35,13 +35,12 @@ def _set_value(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def tasks_dir() -> Path:
-    import eval as eval_pkg
-
-    return Path(eval_pkg.__file__).resolve().parent / "tasks"
+    """The local lm-eval tasks shipped with the package (`d2f/lmeval/tasks/`)."""
+    return Path(__file__).resolve().parent / "lmeval" / "tasks"
 
 
 def _include_our_tasks() -> None:
-    """Make every TaskManager lm-eval builds also scan eval/tasks (the CLI takes one path only)."""
+    """Make every TaskManager lm-eval builds also scan d2f/lmeval/tasks (the CLI takes one path only)."""
     import lm_eval.tasks
 
     base = lm_eval.tasks.TaskManager
@@ -61,7 +60,7 @@ def _include_our_tasks() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    import eval.lm  # noqa: F401  (registers the "d2f" model with lm-eval)
+    import d2f.lmeval.lm  # noqa: F401  (registers the "d2f" model with lm-eval)
 
     _include_our_tasks()
     output = _value(argv, "--output_path")

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -42,6 +44,22 @@ class Family:
     use_chat_template: bool  # whether prompts go through the chat template by default
     causal: bool = False  # True only for autoregressive baselines (attention stays causal)
     original_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def align_logits(self, logits: Tensor, carry: Tensor | None = None) -> Tensor:
+        """A model call's logits (B, L, V) -> predictions aligned with its input columns (B, L, V).
+
+        Column i of the result predicts the token at input column i. Unshifted families (LLaDA)
+        return `logits` as they are. Shifted families (Dream, AR): row i - 1 predicts token i, so
+        `out[:, i] = logits[:, i - 1]`, and column 0 takes `carry` (B, V), the logits of the
+        position just before the call's first column (e.g. the last prompt position of a cached
+        prefix); without a carry column 0 repeats `logits[:, 0]`, a placeholder for a column
+        that nothing predicts (position 0 of a full sequence).
+        NOTE: this is the one place the Dream shift is written; decoders and loglikelihood use it.
+        """
+        if not self.shift_logits:
+            return logits
+        first = logits[:, :1] if carry is None else carry[:, None]
+        return torch.cat([first, logits[:, :-1]], 1)
 
 
 class FamilySpec:

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.utils import cached_file
 
 from d2f.family import Family, FamilySpec, detect_spec, family_of
+from d2f.paths import is_local, missing
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,8 +43,8 @@ def _resolve(name_or_path: str | os.PathLike, filename: str, required: bool = Tr
         return None
     if path.exists():
         raise NotADirectoryError(f"{path}: expected a checkpoint directory or a hub id, got a file")
-    if str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1:
-        raise FileNotFoundError(f"{name_or_path}: no such directory (and not a hub id 'org/name')")
+    if is_local(name_or_path):
+        raise FileNotFoundError(missing(name_or_path))
     try:
         return cached_file(
             str(name_or_path),
@@ -53,7 +54,9 @@ def _resolve(name_or_path: str | os.PathLike, filename: str, required: bool = Tr
         )
     except OSError as err:
         if required:
-            raise FileNotFoundError(f"{name_or_path}: cannot get {filename} ({err})") from None
+            raise FileNotFoundError(
+                f"{missing(name_or_path)}: cannot get {filename} from the hub ({err})"
+            ) from None
         return None
 
 

@@ -8,7 +8,7 @@ One loop for every objective (`train.objective`: distill | mdm | ar, see `d2f.ob
                 micro-batches -> objective -> backward -> clip -> optimiser step -> log -> checkpoint
     cleanup     final checkpoint, close the logs
 
-Runs as one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP: `configs/accelerate/`).
+Runs as one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP: `d2f/configs/accelerate/`).
 A global batch holds micro_batch_size * grad_accum * processes sequences; its noise is drawn for the
 whole batch from one generator, so the run does not depend on how it is split over processes.
 
@@ -331,7 +331,7 @@ def _hydra_main(cfg) -> None:
 
 
 def cli() -> None:
-    """Entry point: Hydra composes `configs/<--config-name>.yaml` (default `tiny`) + overrides."""
+    """Entry point: Hydra composes `d2f/configs/<--config-name>.yaml` (default `tiny`) + overrides."""
     import hydra
 
     register_configs()

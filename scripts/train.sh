@@ -3,10 +3,10 @@
 #
 #   bash scripts/train.sh [FLAGS] [PRESET] [key=value ...]
 #
-#   PRESET        llada | dream | tiny (configs/PRESET.yaml; default llada)
+#   PRESET        llada | dream | tiny (d2f/configs/PRESET.yaml; default llada)
 #   key=value     Hydra overrides, e.g. model.path=... train.max_steps=100 (docs/training.md)
 #   --launcher L  auto (default: ddp with more than one GPU, else one process) | none | ddp | zero2 |
-#                 fsdp (configs/accelerate/L.yaml) | cpu (gloo processes on the CPU)
+#                 fsdp (d2f/configs/accelerate/L.yaml) | cpu (gloo processes on the CPU)
 #   --nproc N     processes (default: the number of GPUs, or 1)
 #   --port P      rendezvous port of the processes (default 29500)
 #   --dry-run     print the resolved config and the launch command, train nothing
@@ -34,8 +34,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 preset="${preset:-llada}"
-if [[ ! -f "configs/$preset.yaml" ]]; then
-  echo "train.sh: no preset configs/$preset.yaml (have: $(cd configs && ls *.yaml | sed 's/.yaml//' | xargs))" >&2
+if [[ ! -f "d2f/configs/$preset.yaml" ]]; then
+  echo "train.sh: no preset d2f/configs/$preset.yaml (have: $(cd d2f/configs && ls *.yaml | sed 's/.yaml//' | xargs))" >&2
   exit 2
 fi
 
@@ -49,7 +49,7 @@ train=(-m d2f.train --config-name "$preset" "$@")
 case "$launcher" in
   none) cmd=("$PYTHON" "${train[@]}") ;;
   ddp | zero2 | fsdp)
-    cmd=("$PYTHON" -m accelerate.commands.launch --config_file "configs/accelerate/$launcher.yaml"
+    cmd=("$PYTHON" -m accelerate.commands.launch --config_file "d2f/configs/accelerate/$launcher.yaml"
       --num_processes "$nproc" --main_process_port "$port" "${train[@]}") ;;
   cpu)  # NOTE: `accelerate launch --cpu --num_processes 2` starts ONE process (upstream issue)
     cmd=(env ACCELERATE_USE_CPU=1 "$PYTHON" -m accelerate.commands.launch --multi_gpu
@@ -60,7 +60,7 @@ case "$launcher" in
 esac
 
 if [[ "$dry" == 1 ]]; then
-  echo "# resolved config (configs/$preset.yaml + overrides)"
+  echo "# resolved config (d2f/configs/$preset.yaml + overrides)"
   "$PYTHON" -m d2f.train --config-name "$preset" "$@" dry_run=true
   echo "# launch command"
   printf '%q ' "${cmd[@]}"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "d2f" / "lmeval" / "tasks"
 
 
 @pytest.fixture(scope="module")

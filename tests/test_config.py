@@ -129,12 +129,12 @@ def test_train_sh_help_prints_config_and_command(tmp_path):
     assert "path: GSAI-ML/LLaDA-8B-Instruct" in out and "max_steps: 10" in out
     assert "- Lansechen/bs17k_collection_filtered_easy_maxlength600" in out
     launch = out.split("# launch command")[1]
-    assert "accelerate.commands.launch --config_file configs/accelerate/ddp.yaml" in launch
+    assert "accelerate.commands.launch --config_file d2f/configs/accelerate/ddp.yaml" in launch
     assert "--num_processes 8" in launch and "-m d2f.train --config-name llada" in launch
     assert not out_dir.exists()
     bad = subprocess.run(["bash", "scripts/train.sh", "--dry-run", "nosuchpreset"], cwd=REPO,
                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert bad.returncode == 2 and "no preset configs/nosuchpreset.yaml" in bad.stderr
+    assert bad.returncode == 2 and "no preset d2f/configs/nosuchpreset.yaml" in bad.stderr
 
 
 def test_tiny_data_file_is_shipped():

@@ -143,7 +143,7 @@ def test_bad_input_fails_before_model_load(args, match, tmp_path):
 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
-    from eval.lm import D2FLM
+    from d2f.lmeval.lm import D2FLM
 
     return D2FLM(pretrained=str(tiny_dir("llada")), block_size=4, max_new_tokens=16, mc_samples=8)
 

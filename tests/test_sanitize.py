@@ -1,6 +1,6 @@
 """The code sanitiser on realistic messy completions: literal expected programs, and the programs run."""
 
-from eval.sanitize import extract_fenced, sanitize
+from d2f.lmeval.sanitize import extract_fenced, sanitize
 
 # A HumanEval-style prompt: an import, a helper, then the signature and docstring of the entry point.
 PROMPT = '''from typing import List

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.table import collect, main
+from d2f.lmeval.table import collect, main
 
 MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 

@@ -1,6 +1,6 @@
 """Evaluate a miniature-world model through the real lm-eval path, in process.
 
-`evaluate(...)` builds the `d2f` lm-eval model (eval/lm.py) and runs lm-eval's `simple_evaluate`
+`evaluate(...)` builds the `d2f` lm-eval model (d2f/lmeval/lm.py) and runs lm-eval's `simple_evaluate`
 on the `d2f_tiny_add` task (the held-out split, scored like GSM8K), zero-shot with the chat
 template, and saves what `python -m d2f.eval --output_path OUT --log_samples` saves: lm-eval's
 results and samples plus `d2f_speed.json`. It runs in process only to load lm-eval's task index
@@ -45,7 +45,7 @@ def evaluate(
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
-    from eval.lm import D2FLM
+    from d2f.lmeval.lm import D2FLM
 
     out = Path(out)
     lm = D2FLM(

@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher_steps",
         type=int,
         default=None,
-        help="default: configs/train/tinyworld_teacher.yaml",
+        help="default: d2f/configs/train/tinyworld_teacher.yaml",
     )
     p.add_argument(
-        "--ar_steps", type=int, default=None, help="default: configs/train/tinyworld_ar.yaml"
+        "--ar_steps", type=int, default=None, help="default: d2f/configs/train/tinyworld_ar.yaml"
     )
     p.add_argument(
         "--eval_n", type=int, default=200, help="held-out problems scored for the manifest"

@@ -1,7 +1,7 @@
 """`python -m d2f.tinyworld.quickstart` (`bash scripts/quickstart.sh`): D2F's whole story on a CPU.
 
 From the pretrained miniature teacher that ships with the package (LLaDA format) this distils a
-D2F student with the real trainer (`scripts/train.sh`, LoRA, ramp schedule, distillation loss),
+D2F student with the real trainer (`python -m d2f.train`, LoRA, ramp schedule, distillation loss),
 then evaluates every row of the paper's comparison through lm-eval on the held-out split:
 
   vanilla dLLM (teacher) | Fast-dLLM style (teacher) | D2F without distillation (teacher) |
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from d2f.config import config_dir
 from d2f.tinyworld.pretrain import ASSETS
 from d2f.tinyworld.world import WorldSpec, build_world, train_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 EVAL_VERSION = "2: adapters merged for inference"  # part of the eval cache keys: bump to re-measure
 D2F_DECODE = {
     "block_size": 4,
@@ -101,9 +101,9 @@ def distil(
     overrides = train_overrides(
         spec, "tinyworld_student", teacher, data, tmp / "run", threads, steps
     )
-    cmd = ["bash", str(REPO / "scripts" / "train.sh"), "tiny", *overrides]
+    cmd = [sys.executable, "-m", "d2f.train", "--config-name", "tiny", *overrides]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHON": sys.executable})
+    subprocess.run(cmd, check=True)
     (last,) = sorted((tmp / "run").glob("checkpoint-*"))[-1:]
     shutil.copytree(last / "adapter", tmp / "adapter")
     shutil.copy(tmp / "run" / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         digest(
             models["teacher"],
             data,
-            REPO / "configs" / "train" / "tinyworld_student.yaml",
+            config_dir() / "tiny.yaml",
+            config_dir() / "train" / "tinyworld_student.yaml",
             args.student_steps,
         ),
         lambda tmp: distil(tmp, models["teacher"], data, spec, args.threads, args.student_steps),

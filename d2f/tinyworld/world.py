@@ -92,7 +92,7 @@ def train_overrides(
     threads: int,
     steps: int | None = None,
 ) -> list[str]:
-    """Hydra overrides of `configs/tiny.yaml` that train on the world with `train=<preset>`."""
+    """Hydra overrides of `d2f/configs/tiny.yaml` that train on the world with `train=<preset>`."""
     overrides = [
         f"train={preset}",
         f"model.path={model_path}",

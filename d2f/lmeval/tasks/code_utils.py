@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 
-from eval.sanitize import sanitize
+from d2f.lmeval.sanitize import sanitize
 
 DATA = Path(__file__).parent / "data" / "code_local.jsonl"
 TIMEOUT_S = 5.0  # wall-clock limit of one program, seconds

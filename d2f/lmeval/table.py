@@ -1,6 +1,6 @@
 """Results table: score and speed of every evaluation run under a directory, like the paper's tables.
 
-    python -m eval.table OUT_DIR [--csv FILE] [--md FILE] [--baseline vanilla]
+    python -m d2f.lmeval.table OUT_DIR [--csv FILE] [--md FILE] [--baseline vanilla]
 
 A run is a directory holding `d2f_speed.json` (written by the `d2f` lm-eval model: model args,
 per-task tokens, forwards, wall time, TPS, TPF, latency, generation length) and, anywhere below it,
@@ -204,7 +204,7 @@ def to_csv(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.table", description=__doc__.split("\n")[0]
+        prog="python -m d2f.lmeval.table", description=__doc__.split("\n")[0]
     )
     parser.add_argument("out_dir", help="directory holding the runs (searched recursively)")
     parser.add_argument("--csv", help="also write the table as CSV to this file")

@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from d2f.decoding import DecodeConfig, generate
 from d2f.family import family_of
+from d2f.lmeval.stats import SpeedLog
 from d2f.mask import block_ids, full_mask, to_additive
 from d2f.models import load_model
-from eval.stats import SpeedLog
+from d2f.paths import is_local, missing
 
 _DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
 
@@ -94,8 +95,8 @@ class D2FLM(TemplateLM):
         if str(batch_size).startswith("auto"):
             raise ValueError("d2f: batch_size=auto is not supported; give an integer")
         self.batch_size = int(batch_size)
-        if adapter is not None and not (Path(adapter).is_dir() or str(adapter).count("/") == 1):
-            raise FileNotFoundError(f"d2f: adapter {adapter!r} is neither a directory nor a hub id")
+        if adapter is not None and is_local(adapter) and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"d2f: adapter {missing(adapter)}")
         from accelerate import PartialState
 
         # NOTE: PartialState ignores ACCELERATE_USE_CPU: without cpu=True a CPU-only multi-process
