@@ -68,13 +68,17 @@ def digest(*parts) -> str:
     for part in parts:
         path = Path(part) if isinstance(part, Path) else None
         if path is not None and path.exists():
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if _hashed(p))
             for f in files:
                 h.update(str(f.relative_to(path.parent if path.is_file() else path)).encode())
                 h.update(f.read_bytes())
         else:
             h.update(str(part).encode())
     return h.hexdigest()[:12]
+
+
+def _hashed(path: Path) -> bool:
+    return path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
 
 
 def cached(root: Path, stage: str, key: str, build) -> Path:
@@ -110,6 +114,34 @@ def distil(
     shutil.rmtree(tmp / "run")
 
 
+def environment() -> str:
+    """What the numbers depend on besides the inputs: torch version and thread count (training and
+    timing are not bit-identical across them), so they are part of every cache key and the table note."""
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+D2F = Path(__file__).resolve().parents[1]  # the installed d2f package
+# the code that makes each stage: part of its cache key (a code change rebuilds the stage)
+TRAIN_CODE = [
+    D2F / f
+    for f in (
+        "train.py",
+        "objectives.py",
+        "loss.py",
+        "schedule.py",
+        "data.py",
+        "checkpoint.py",
+        "models.py",
+        "family.py",
+        "mask.py",
+        "config.py",
+    )
+]
+EVAL_CODE = [D2F / f for f in ("decoding", "lmeval", "models.py", "family.py", "mask.py")]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m d2f.tinyworld.quickstart",
@@ -122,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "--threads",
         type=int,
         default=int(os.environ.get("D2F_THREADS", "1")),
-        help="torch threads (default 1: two threads on a busy 2-core machine were 25x slower)",
+        help="torch threads (default 1; training is bit-identical only at the same thread count)",
     )
     p.add_argument("--n", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--big_batch", type=int, default=50, help="the large batch of the speed columns")
@@ -176,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         digest(
             models["teacher"],
             data,
-            config_dir() / "tiny.yaml",
-            config_dir() / "train" / "tinyworld_student.yaml",
+            config_dir(),
             args.student_steps,
+            environment(),
+            *TRAIN_CODE,
         ),
         lambda tmp: distil(tmp, models["teacher"], data, spec, args.threads, args.student_steps),
     )
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch in (1, args.big_batch):
             key = digest(
                 EVAL_VERSION,
+                environment(),
+                *EVAL_CODE,
                 base,
                 adapter if adapter else "-",
                 json.dumps(row.decode, sort_keys=True),
