@@ -4,7 +4,7 @@ Deterministic by seed. Levels:
 - `add1`: one-digit addition (a, b in 1..9; only 81 facts: close to memorisation);
 - `add2`: addition of numbers in 1..99 (the default);
 - `multi`: add then subtract, two steps (for bigger runs: not learnable by the tiny teacher in
-  minutes, see TINY_WORLD_FACTS).
+  minutes, see docs/tinyworld.md, sizing).
 The held-out split holds out OPERAND TUPLES, not just prompt texts: no (a, b[, c]) of the held-out
 split appears in training with any wording, so held-out accuracy measures generalisation to unseen
 sums of seen numbers.
