@@ -1,5 +1,6 @@
 """The local code tasks load through lm-eval and score by running the record's tests locally."""
 
+import signal
 import time
 from pathlib import Path
 
@@ -69,6 +70,66 @@ def test_infinite_loop_times_out(task, docs):
         assert time.monotonic() - start < 5
     finally:
         code_utils["TIMEOUT_S"] = saved
+
+
+@pytest.fixture
+def sandbox(task):
+    """`program_status` of the code_utils module lm-eval loaded for the task."""
+    return task.config.process_results.__globals__["program_status"]
+
+
+def test_generated_code_does_not_see_secrets(sandbox, monkeypatch):
+    monkeypatch.setenv("D2F_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    program = (
+        "import os, sys\n"
+        "seen = [k for k in ('D2F_TEST_SECRET', 'HF_TOKEN') if k in os.environ]\n"
+        "sys.exit(3 if seen else 0)\n"
+    )
+    assert sandbox(program) == 0
+
+
+def test_generated_code_writes_land_in_a_temporary_directory(sandbox, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    program = (
+        "import os, sys, tempfile\n"
+        "open('written.txt', 'w').write('x')\n"
+        "here = os.getcwd()\n"
+        "ok = os.path.basename(here).startswith('d2f_code_') and os.path.expanduser('~') == here\n"
+        "sys.exit(0 if ok and os.path.exists(os.path.join(here, 'written.txt')) else 3)\n"
+    )
+    assert sandbox(program) == 0
+    assert not (tmp_path / "written.txt").exists()
+
+
+def test_infinite_loop_is_killed_by_the_cpu_limit(sandbox):
+    start = time.monotonic()
+    status = sandbox("while True:\n    pass\n", timeout_s=60, cpu_s=1)
+    assert status in (-signal.SIGXCPU, -signal.SIGKILL)  # not the wall-clock timeout (None)
+    assert time.monotonic() - start < 30
+
+
+def test_big_allocation_fails_under_the_memory_limit(sandbox):
+    program = (
+        "import sys\ntry:\n    block = bytearray(1 << 30)\nexcept MemoryError:\n    sys.exit(3)\n"
+    )
+    assert sandbox(program, memory_bytes=256 << 20) == 3
+    assert sandbox("block = bytearray(1 << 20)\n", memory_bytes=256 << 20) == 0
+
+
+def test_empty_or_broken_data_file_names_the_file_and_line(tmp_path):
+    from d2f.lmeval.records import read_jsonl
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no records"):
+        read_jsonl(empty, ("prompt",))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+        read_jsonl(broken, ("prompt",))
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: record has no \['test'\]"):
+        read_jsonl(broken, ("prompt", "test"))
 
 
 def test_humaneval_variant_is_the_same_scoring_on_the_hub_data(task):

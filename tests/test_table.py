@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from d2f.lmeval.table import collect, main
+from d2f.lmeval.table import collect, main, to_markdown
 
 MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 
@@ -26,10 +26,13 @@ def speed_entry(samples: int, tokens: int, with_end: int, forwards: int, wall_s:
     }
 
 
-def write_run(run: Path, strategy: str, tasks: dict, results: dict, stamp: str) -> None:
+def write_run(
+    run: Path, strategy: str, tasks: dict, results: dict, stamp: str, **model_args
+) -> None:
     """A run as `python -m d2f.eval` leaves it: d2f_speed.json, results in a model subfolder."""
     run.mkdir(parents=True, exist_ok=True)
     args = {"pretrained": MODEL, "adapter": None, "strategy": strategy, "block_size": 32}
+    args.update(model_args)
     speed = {
         "model_args": args,
         "world_size": 1,
@@ -139,8 +142,10 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == [
         "model",
+        "adapter",
         "task",
         "strategy",
+        "settings",
         "score",
         "n",
         "TPS",
@@ -152,8 +157,10 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert cells[0] == [
         "LLaDA-8B-Instruct",
+        "",
         "gsm8k",
         "vanilla",
+        "",
         "strict-match 0.774 / flexible-extract 0.790",
         "10",
         "7.2",
@@ -164,8 +171,10 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
     ]
     assert cells[1] == [
         "LLaDA-8B-Instruct",
+        "",
         "gsm8k",
         "d2f",
+        "",
         "strict-match 0.773 / flexible-extract 0.780",
         "10",
         "52.5",
@@ -174,7 +183,7 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
         "525.0",
         "7.29x",
     ]
-    assert cells[2][1:4] == ["minerva_math", "d2f", "exact_match 0.300 / math_verify 0.350"]
+    assert cells[2][2:6] == ["minerva_math", "d2f", "", "exact_match 0.300 / math_verify 0.350"]
     assert cells[2][-1] == ""
 
     with (tmp_path / "t.csv").open() as f:
@@ -188,3 +197,128 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
 def test_empty_directory_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
+
+
+def test_runs_differing_only_in_adapter_or_a_setting_are_separate_rows(tmp_path):
+    """The paper's "D2F without distillation" vs "D2F student": same base, same strategy."""
+    tasks = {"gsm8k": speed_entry(10, 500, 510, 100, 10.0)}
+    write_run(tmp_path / "a", "d2f", tasks, gsm8k_results(0.5, 0.5), "2026-01-01T00-00-00.1")
+    write_run(
+        tmp_path / "b",
+        "d2f",
+        tasks,
+        gsm8k_results(0.7, 0.7),
+        "2026-01-02T00-00-00.1",
+        adapter="org/D2F_LoRA",
+    )
+    write_run(
+        tmp_path / "c",
+        "d2f",
+        tasks,
+        gsm8k_results(0.6, 0.6),
+        "2026-01-03T00-00-00.1",
+        adapter="org/D2F_LoRA",
+        block_size=64,
+    )
+    rows = collect(tmp_path)
+    got = {(r.adapter, r.settings): r.scores["exact_match,strict-match"] for r in rows}
+    assert got == {
+        ("", ""): 0.5,
+        ("org/D2F_LoRA", "block_size=32"): 0.7,
+        ("org/D2F_LoRA", "block_size=64"): 0.6,
+    }
+    lines = to_markdown(rows).splitlines()[2:]
+    assert [line.split(" | ")[1:5] for line in lines] == [
+        ["", "gsm8k", "d2f", ""],
+        ["D2F_LoRA", "gsm8k", "d2f", "block_size=32"],
+        ["D2F_LoRA", "gsm8k", "d2f", "block_size=64"],
+    ]
+
+
+def test_second_task_into_the_same_output_path_keeps_the_first(tmp_path):
+    """Two `python -m d2f.eval` runs of one configuration into one --output_path, one task each:
+    the speed file keeps both tasks and the table both rows (each from its own results file)."""
+    from d2f.lmeval.stats import SpeedLog, TaskSpeed
+
+    args = {"pretrained": MODEL, "adapter": None, "strategy": "d2f", "batch_size": 1}
+    out = tmp_path / "run"
+    for task, tokens in (("gsm8k", 100), ("d2f_code_local", 300)):
+        log = SpeedLog()
+        log.tasks[task] = TaskSpeed()
+        log.tasks[task].add_call(2.0, [(tokens, tokens + 1, 10)])
+        SpeedLog.check_same_run(out / "d2f_speed.json", args)
+        SpeedLog.write(out / "d2f_speed.json", SpeedLog.merged([log.state()], args))
+    speed = json.loads((out / "d2f_speed.json").read_text())
+    assert {t: s["tokens"] for t, s in speed["tasks"].items()} == {
+        "gsm8k": 100,
+        "d2f_code_local": 300,
+    }
+    assert set(speed["ranks"][0]["tasks"]) == {"gsm8k", "d2f_code_local"}
+    sub = out / "model"
+    sub.mkdir()
+    (sub / "results_2026-01-01T00-00-00.1.json").write_text(json.dumps(gsm8k_results(0.4, 0.5)))
+    code = {"results": {"d2f_code_local": {"pass_at_1,none": 0.25}}}
+    (sub / "results_2026-01-02T00-00-00.1.json").write_text(json.dumps(code))
+    rows = {r.task: r for r in collect(tmp_path)}
+    assert rows["gsm8k"].scores["exact_match,strict-match"] == 0.4
+    assert rows["gsm8k"].speed["tokens_per_second"] == pytest.approx(50.0)
+    assert rows["d2f_code_local"].scores == {"pass_at_1,none": 0.25}
+    # another configuration into the same directory is refused before anything runs
+    with pytest.raises(ValueError, match="adapter=None there, 'x/lora' here"):
+        SpeedLog.check_same_run(out / "d2f_speed.json", {**args, "adapter": "x/lora"})
+
+
+def test_quickstart_table_from_the_table_module(tmp_path):
+    """The tiny world's table.md / table.csv: the same columns and rows as before, computed by
+    d2f.lmeval.table from the eval runs the quickstart caches (numbers worked out by hand)."""
+    from argparse import Namespace
+
+    from d2f.tinyworld.quickstart import _read_eval, _write_table
+
+    def tiny_run(name, strategy, batch, score, tokens, wall):
+        run = tmp_path / "cache" / name
+        tasks = {"d2f_tiny_add": speed_entry(10, tokens, tokens + 10, 50, wall)}
+        results = {"results": {"d2f_tiny_add": {"exact_match,strict-match": score}}}
+        write_run(run, strategy, tasks, results, "2026-01-01T00-00-00.1", batch_size=batch)
+        return _read_eval(run)
+
+    table = [
+        {
+            "row": "vanilla dLLM",
+            "model": "teacher",
+            "strategy": "vanilla",
+            "b1": tiny_run("v1", "vanilla", 1, 0.9, 100, 10.0),
+            "b4": tiny_run("v4", "vanilla", 4, 0.95, 100, 2.0),
+        },
+        {
+            "row": "D2F pipelined",
+            "model": "student",
+            "strategy": "d2f",
+            "b1": tiny_run("d1", "d2f", 1, 0.97, 120, 4.0),
+            "b4": tiny_run("d4", "d2f", 4, 0.98, 120, 1.0),
+        },
+    ]
+    results = tmp_path / "results"
+    _write_table(table, results, Namespace(big_batch=4, n=10, threads=1))
+    md = (results / "table.md").read_text().splitlines()
+    assert md[:4] == [
+        "| method | model | score | TPF | gen len | TPS b1 | latency b1 (s) | speed-up b1 "
+        "| TPS b4 | speed-up b4 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vanilla dLLM | teacher | 95.0% | 2.20 | 10.0 | 10 | 1.000 | 1.00x | 50 | 1.00x |",
+        "| D2F pipelined | student | 98.0% | 2.60 | 12.0 | 30 | 0.400 | 3.00x | 120 | 2.40x |",
+    ]
+    with (results / "table.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0][0] == "method" and rows[2] == [
+        "D2F pipelined",
+        "student",
+        "98.0%",
+        "2.60",
+        "12.0",
+        "30",
+        "0.400",
+        "3.00x",
+        "120",
+        "2.40x",
+    ]

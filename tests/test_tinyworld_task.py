@@ -59,12 +59,40 @@ def test_tokenizer_digits_and_roundtrip():
     assert chat.startswith("<|startoftext|><|start_header_id|>user")
 
 
-def test_lm_eval_task_over_held_out_split():
-    from lm_eval.tasks import TaskManager, get_task_dict
+def _docs(metadata: dict) -> list[dict]:
+    from lm_eval.tasks import TaskManager
 
     from d2f.eval import tasks_dir
 
-    tm = TaskManager(include_path=str(tasks_dir()), metadata={"n": 20})
-    task = get_task_dict(["d2f_tiny_add"], tm)["d2f_tiny_add"]
-    docs = list(task.test_docs())
-    assert docs == records("add2", "test", 20)
+    tm = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+    return list(tm.load(["d2f_tiny_add"])["tasks"]["d2f_tiny_add"].test_docs())
+
+
+def test_lm_eval_task_over_held_out_split():
+    assert _docs({"n": 20}) == records("add2", "test", 20)
+    assert _docs({"n": 20, "world_seed": 3}) == records("add2", "test", 20, seed=3)
+
+
+def test_model_args_do_not_reach_the_task_data(monkeypatch):
+    """lm-eval's CLI merges the model args into the task metadata: the model's Monte-Carlo `seed`
+    (or any other model arg) must not change which problems the held-out split holds."""
+    import importlib.util
+
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from d2f.eval import tasks_dir
+
+    argv = ["--model", "d2f", "--model_args", "pretrained=x,seed=7,block_size=8", "--tasks", "t"]
+    monkeypatch.setattr("sys.argv", ["lm-eval", *argv, "--metadata", '{"n": 50}'])
+    metadata = EvaluatorConfig.from_cli(HarnessCLI().parse_args()).metadata
+    assert metadata["seed"] == 7  # what lm-eval hands to the loader
+    held_out = records("add2", "test", 50)
+    assert _docs(metadata) == held_out
+    # the loader's own options are named so that no model arg can collide with them
+    from d2f.lmeval.lm import known_model_args
+
+    spec = importlib.util.spec_from_file_location("tiny_utils", tasks_dir() / "tiny_utils.py")
+    tiny_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_utils)
+    assert not set(tiny_utils.OPTIONS) & set(known_model_args())

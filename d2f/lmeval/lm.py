@@ -9,14 +9,21 @@ speed), `dtype`, `device`, `attn_implementation`, `mc_samples` (loglikelihood), 
 `stats_dir` (set by `python -m d2f.eval` from --output_path),
 and every `DecodeConfig` field (`strategy` picks D2F or a baseline).
 
-- `generate_until`: batches of `--batch_size` prompts of one task through `d2f.generate`; text cut
-  at the first `until` string. `max_new_tokens` from the model args wins over the task's
+- Construction checks every argument, reads config.json and the tokenizer, and checks the strategy
+  against the model family; the weights load at the first request, so lm-eval's own checks of the
+  tasks (unknown task, empty data, unsafe code without `--confirm_run_unsafe_code`) fail first.
+- `generate_until`: lm-eval's `Collator` groups the requests by task and generation settings and
+  sorts them by length; batches of `--batch_size` prompts go through `d2f.generate`; text cut at
+  the first `until` string. `max_new_tokens` from the model args wins over the task's
   `max_gen_toks` (the paper's settings fix the generation cap); it is at least one block.
 - `loglikelihood`: the Monte-Carlo masked-diffusion estimate (LLaDA's): for n stratified mask
   counts k in [1, L] over the L continuation tokens, mask k of them at random, one bidirectional
   forward, sum the cross-entropy at the masked positions, weight by L / k; the log-likelihood is
   minus the mean. It is an ELBO estimate (a lower bound in expectation), not an exact likelihood.
+  The draws come from a generator seeded by a hash of (seed, context ids, continuation ids), so a
+  request's estimate does not depend on its rank, its batch or the order it comes in.
   `is_greedy`: argmax equals the continuation at every position with the whole continuation masked.
+- A context gets exactly one BOS, in generation and in loglikelihood alike.
 - `loglikelihood_rolling` (perplexity tasks) is not supported: it raises.
 - Data parallel under `accelerate launch`: ranks, gather and barrier through accelerate.
 """
@@ -24,21 +31,23 @@ and every `DecodeConfig` field (`strategy` picks D2F or a baseline).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from d2f.decoding import DecodeConfig, generate
-from d2f.family import family_of
+from d2f.family import Family, detect_spec
 from d2f.lmeval.stats import SpeedLog
 from d2f.mask import block_ids, full_mask, to_additive
-from d2f.models import load_model
+from d2f.models import load_model, load_tokenizer, read_config
 from d2f.paths import is_local, missing
 
 _DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
@@ -67,6 +76,22 @@ def count_prefix_tokens(tokenizer, ids: list[int], n_chars: int) -> int:
     return lo
 
 
+def request_seed(seed: int, context: list[int], continuation: list[int]) -> int:
+    """A 63-bit seed from (seed, context ids, continuation ids): the same request, the same draws."""
+    digest = hashlib.sha256(json.dumps([seed, context, continuation]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_strategy(strategy: str, family: Family) -> None:
+    """`ar` decodes autoregressive models only, every other strategy dLLMs only."""
+    if strategy == "ar" and not family.causal:
+        raise ValueError(
+            f"d2f: strategy 'ar' needs an autoregressive model, got a {family.name} dLLM"
+        )
+    if strategy != "ar" and family.causal:
+        raise ValueError(f"d2f: strategy {strategy!r} needs a dLLM; this model is autoregressive")
+
+
 @register_model("d2f")
 class D2FLM(TemplateLM):
     def __init__(
@@ -88,7 +113,7 @@ class D2FLM(TemplateLM):
         super().__init__()
         unknown = sorted(set(decode_kwargs) - _DECODE_FIELDS)
         if unknown:
-            raise ValueError(f"d2f model_args: unknown {unknown}; known: {sorted(_DECODE_FIELDS)}")
+            raise ValueError(f"d2f model_args: unknown {unknown}; known: {known_model_args()}")
         decode_kwargs.setdefault("truncate_prompt", True)  # as the published eval: keep the end
         self.decode = DecodeConfig(**decode_kwargs)
         self._user_decode_keys = set(decode_kwargs)
@@ -97,6 +122,24 @@ class D2FLM(TemplateLM):
         self.batch_size = int(batch_size)
         if adapter is not None and is_local(adapter) and not Path(adapter).is_dir():
             raise FileNotFoundError(f"d2f: adapter {missing(adapter)}")
+        self.model_args = {
+            "pretrained": str(pretrained),
+            "adapter": adapter,
+            "dtype": dtype,
+            "batch_size": self.batch_size,
+            **dataclasses.asdict(self.decode),
+        }
+        self.stats_dir = stats_dir
+        if stats_dir is not None:  # a clash with an earlier run there fails now, not after it
+            SpeedLog.check_same_run(self._stats_path("d2f_speed.json"), self.model_args)
+        # config.json and the tokenizer only: the weights wait for the first request
+        raw = read_config(pretrained)
+        spec = detect_spec(raw, where=f"{pretrained}/config.json")
+        self.tokenizer = load_tokenizer(pretrained, spec)
+        if self.tokenizer is None:
+            raise ValueError(f"{pretrained}: no tokenizer files; lm-eval needs a tokenizer")
+        self.family = spec.facts(raw, self.tokenizer)
+        check_strategy(self.decode.strategy, self.family)
         from accelerate import PartialState
 
         # NOTE: PartialState ignores ACCELERATE_USE_CPU: without cpu=True a CPU-only multi-process
@@ -110,34 +153,37 @@ class D2FLM(TemplateLM):
             # NOTE: lm-eval's --device defaults to cuda; on a CPU-only machine run on the CPU
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
-        self.model, self.tokenizer = load_model(
-            pretrained,
+        self._load_args = dict(
+            name_or_path=pretrained,
             adapter=adapter,
             dtype=dtype,
             device=device,
             attn_implementation=attn_implementation,
             merge_adapter=merge_adapter,
         )
-        if self.tokenizer is None:
-            raise ValueError(f"{pretrained}: no tokenizer files; lm-eval needs a tokenizer")
-        self.family = family_of(self.model)
+        self._model = None
         self.add_bos = self.tokenizer.bos_token_id is not None if add_bos is None else add_bos
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
-        self.stats_dir = stats_dir
-        self.model_args = {
-            "pretrained": str(pretrained),
-            "adapter": adapter,
-            "dtype": dtype,
-            "batch_size": self.batch_size,
-            **dataclasses.asdict(self.decode),
-        }
         self.speed = SpeedLog()
+
+    @property
+    def model(self):
+        """The weights, loaded at the first use (after lm-eval has built and checked the tasks)."""
+        if self._model is None:
+            self._model, _ = load_model(**self._load_args)
+        return self._model
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
         return self.family.end_token_ids[0]
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The context of an empty-context request: BOS where prompts get one."""
+        bos = self.tokenizer.bos_token_id
+        return bos if self.add_bos and bos is not None else self.eot_token_id
 
     @property
     def tokenizer_name(self) -> str:
@@ -158,6 +204,10 @@ class D2FLM(TemplateLM):
     ) -> list[int]:
         return self.tokenizer(string, add_special_tokens=False)["input_ids"]
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        ctx, cont = super()._encode_pair(context, continuation)
+        return self._with_bos(ctx), cont
+
     def all_gather(self, tensor):
         if self._world_size <= 1:
             return tensor
@@ -166,24 +216,27 @@ class D2FLM(TemplateLM):
         return gather(tensor)
 
     def gather_object(self, obj, dst=0):
-        if self._world_size <= 1:
-            return [obj]
-        result = [None] * self._world_size if self._rank == dst else None
-        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
-        return result
+        """Every rank's `obj` as a list on rank `dst`, None on the others."""
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([obj])  # all ranks get the list (accelerate flattens one level)
+        return gathered if self._rank == dst else None
 
     def barrier(self) -> None:
         if self._world_size > 1:
             self._state.wait_for_everyone()
 
     # ---- generation ------------------------------------------------------------------------
-    def _prompt_ids(self, context: str) -> list[int]:
-        """Context ids with exactly one BOS (a chat-templated context already starts with it)."""
-        ids = self.tok_encode(context)
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        """`ids` with exactly one leading BOS (a chat-templated context already starts with it)."""
         bos = self.tokenizer.bos_token_id
         if self.add_bos and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
         return ids
+
+    def _prompt_ids(self, context: str) -> list[int]:
+        """Context ids with exactly one BOS."""
+        return self._with_bos(self.tok_encode(context))
 
     def _config(self, gen_kwargs: dict) -> DecodeConfig:
         changes = {}
@@ -195,60 +248,70 @@ class D2FLM(TemplateLM):
         return dataclasses.replace(self.decode, **changes)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            gen_kwargs = dict(req.args[1])
-            groups[(req.task_name, json.dumps(gen_kwargs, sort_keys=True, default=str))].append(i)
+        model = self.model  # loaded outside the timed calls
+        batches = Collator(
+            requests,
+            sort_fn=lambda req: -len(req.args[0]),  # similar lengths batch together
+            group_fn=lambda req: {"task": req.task_name, **req.args[1]},
+            group_by="gen_kwargs",
+        )
         seen: set[tuple] = set()  # lm-eval pads ranks with copies: count each request once
         bar = tqdm(
             total=len(requests), desc=f"d2f generate (rank {self._rank})", disable=disable_tqdm
         )
-        for (task, kwargs_json), idx in groups.items():
-            gen_kwargs = json.loads(kwargs_json)
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            cfg = self._config(gen_kwargs)
-            idx.sort(key=lambda i: -len(requests[i].args[0]))  # similar lengths batch together
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                prompts = [self._prompt_ids(requests[i].args[0]) for i in chunk]
-                t0 = time.perf_counter()
-                out = generate(self.model, prompts, cfg)
-                texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
-                wall = time.perf_counter() - t0
-                rows = []
-                for i, ids, text, row in zip(chunk, out.tokens, texts, out.stats.rows, strict=True):
-                    kept = cut_at_stop(text, until)
-                    results[i] = kept
-                    if len(kept) < len(text):  # cut by a stop string: count the ids that made it
-                        n = count_prefix_tokens(self.tokenizer, ids, len(kept))
-                        counted = (n, n, row.forwards)
-                    else:
-                        counted = (row.tokens, row.tokens_with_end, row.forwards)
-                    key = (requests[i].task_name, requests[i].doc_id, requests[i].idx)
-                    if key not in seen:
-                        seen.add(key)
-                        rows.append(counted)
-                    self.cache_hook.add_partial("generate_until", requests[i].args, kept)
-                self.speed.tasks[task].add_call(wall * len(rows) / len(chunk), rows)
-                bar.update(len(chunk))
+        texts: list[str] = []
+        for chunk in batches.get_batched(n=self.batch_size):
+            texts += self._generate_batch(model, chunk, seen)
+            bar.update(len(chunk))
         bar.close()
         self._write_speed()
-        return results
+        return batches.get_original(texts)
+
+    def _generate_batch(self, model, chunk: list, seen: set[tuple]) -> list[str]:
+        """One `generate` call over requests of one task and one set of generation settings."""
+        gen_kwargs = dict(chunk[0].args[1])
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        prompts = [self._prompt_ids(req.args[0]) for req in chunk]
+        t0 = time.perf_counter()
+        out = generate(model, prompts, self._config(gen_kwargs))
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+        wall = time.perf_counter() - t0
+        kept, rows = [], []
+        for req, ids, text, row in zip(chunk, out.tokens, texts, out.stats.rows, strict=True):
+            kept.append(cut_at_stop(text, until))
+            self.cache_hook.add_partial("generate_until", req.args, kept[-1])
+            key = (req.task_name, req.doc_id, req.idx)
+            if key not in seen:
+                seen.add(key)
+                rows.append(self._counted(ids, text, kept[-1], row))
+        self.speed.tasks[chunk[0].task_name].add_call(wall * len(rows) / len(chunk), rows)
+        return kept
+
+    def _counted(self, ids: list[int], text: str, kept: str, row) -> tuple[int, int, int]:
+        """(tokens, tokens_with_end, forwards) of one sample; a stop-string cut counts the ids
+        that made it into the kept text."""
+        if len(kept) < len(text):
+            n = count_prefix_tokens(self.tokenizer, ids, len(kept))
+            return n, n, row.forwards
+        return row.tokens, row.tokens_with_end, row.forwards
+
+    def _stats_path(self, name: str) -> Path:
+        out = Path(self.stats_dir)
+        return (out.parent if out.suffix == ".json" else out) / name
 
     def _write_speed(self) -> None:
         states = self.gather_object(self.speed.state(), dst=0)
         if self.stats_dir is None:
             return
-        out = Path(self.stats_dir)
-        out = out.parent if out.suffix == ".json" else out
         SpeedLog.write(
-            out / f"d2f_speed_rank{self._rank}.json",
+            self._stats_path(f"d2f_speed_rank{self._rank}.json"),
             SpeedLog.merged([self.speed.state()], self.model_args),
         )
         if self._rank == 0:
-            SpeedLog.write(out / "d2f_speed.json", SpeedLog.merged(states, self.model_args))
+            SpeedLog.write(
+                self._stats_path("d2f_speed.json"), SpeedLog.merged(states, self.model_args)
+            )
 
     # ---- likelihood ------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,17 +319,18 @@ class D2FLM(TemplateLM):
         mask_id = self.family.mask_token_id
         if mask_id is None:
             raise ValueError("loglikelihood needs a dLLM with a mask token")
-        gen = torch.Generator().manual_seed(self.seed)
-        context = getattr(self.model.config, "max_position_embeddings", 4096)
+        model = self.model
+        context = getattr(model.config, "max_position_embeddings", 4096)
         out = []
         for _, ctx, cont in tqdm(requests, desc="d2f loglikelihood", disable=disable_tqdm):
             ctx = ctx[-(context - len(cont)) :] if len(ctx) + len(cont) > context else ctx
-            out.append(self._mc_loglikelihood(ctx, cont, mask_id, gen))
+            gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, cont))
+            out.append(self._mc_loglikelihood(model, ctx, cont, mask_id, gen))
             self.cache_hook.add_partial("loglikelihood", None, out[-1])
         return out
 
     def _mc_loglikelihood(
-        self, ctx: list[int], cont: list[int], mask_id: int, gen
+        self, model, ctx: list[int], cont: list[int], mask_id: int, gen: torch.Generator
     ) -> tuple[float, bool]:
         n, L, P = self.mc_samples, len(cont), len(ctx)
         x = torch.tensor(ctx + cont, device=self._device)  # (P + L,)
@@ -281,18 +345,17 @@ class D2FLM(TemplateLM):
                 torch.cat([masked, torch.ones(1, L, dtype=torch.bool)]),
             ],
             1,
-        ).to(self._device)  # + all-masked row
+        ).to(self._device)  # (n + 1, P + L): + an all-masked row
         ids = torch.where(batch, mask_id, x[None])  # (n + 1, P + L)
         valid = torch.ones_like(ids, dtype=torch.bool)
         attn = full_mask(block_ids(valid, torch.full((n + 1,), P + L, device=self._device), 1))
-        dtype = next(self.model.parameters()).dtype
-        logits = self.model(
+        dtype = next(model.parameters()).dtype
+        logits = model(
             input_ids=ids,
             attention_mask=to_additive(attn, dtype),
             position_ids=torch.arange(P + L, device=self._device)[None],
-        ).logits
-        if self.family.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+        ).logits  # (n + 1, P + L, V)
+        logits = self.family.align_logits(logits)  # column i predicts token i (Dream's shift)
         logp = logits[:, P:].float().log_softmax(-1)  # (n + 1, L, V)
         target = x[P:][None].expand(n + 1, L)
         token_ll = logp.gather(-1, target[..., None])[..., 0]  # (n + 1, L)
@@ -305,3 +368,10 @@ class D2FLM(TemplateLM):
             "d2f: loglikelihood_rolling (perplexity tasks such as wikitext) is not defined for "
             "masked diffusion models here; use generation or multiple-choice (loglikelihood) tasks"
         )
+
+
+def known_model_args() -> list[str]:
+    """Every model arg the `d2f` model takes: its own and every `DecodeConfig` field."""
+    own = inspect.signature(D2FLM.__init__).parameters
+    names = {p for p, v in own.items() if p != "self" and v.kind is not v.VAR_KEYWORD}
+    return sorted(names | _DECODE_FIELDS)

@@ -60,7 +60,12 @@ class TaskSpeed:
 
 
 class SpeedLog:
-    """Per-task speed of one rank; `write` merges all ranks into `d2f_speed.json` on rank 0."""
+    """Per-task speed of one rank; rank 0 writes all ranks merged into `d2f_speed.json`.
+
+    A run directory holds one configuration (model args): a later task run into the same
+    directory adds its tasks to the file (a task run again replaces its own entry), and a run
+    with other model args is refused before the model loads (`check_same_run`).
+    """
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskSpeed] = defaultdict(TaskSpeed)
@@ -86,11 +91,48 @@ class SpeedLog:
         }
 
     @staticmethod
-    def write(path: str | os.PathLike, payload: dict) -> Path:
-        """Atomic JSON write (temp file + rename)."""
+    def check_same_run(path: str | os.PathLike, model_args: dict) -> None:
+        """Raise when `path` holds the speed of a run with other model args."""
         path = Path(path)
+        if not path.exists():
+            return
+        old = _read(path).get("model_args", {})
+        differ = sorted(k for k in {*old, *model_args} if old.get(k) != model_args.get(k))
+        if differ:
+            raise ValueError(
+                f"{path} belongs to a run with other model args (differing: "
+                + ", ".join(f"{k}={old.get(k)!r} there, {model_args.get(k)!r} here" for k in differ)
+                + "); give this run its own --output_path"
+            )
+
+    @staticmethod
+    def write(path: str | os.PathLike, payload: dict) -> Path:
+        """Atomic JSON write (temp file + rename), keeping the tasks an earlier file there has
+        and this payload has not (per rank too)."""
+        path = Path(path)
+        if path.exists():
+            payload = _keep_earlier_tasks(_read(path), payload)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); move it away to start afresh") from None
+
+
+def _keep_earlier_tasks(old: dict, new: dict) -> dict:
+    """`new` plus the tasks of `old` it does not have, overall and in each rank's entry."""
+    merged = {**new, "tasks": {**old.get("tasks", {}), **new["tasks"]}}
+    old_ranks = {r["rank"]: r["tasks"] for r in old.get("ranks", [])}
+    new_ranks = {r["rank"]: r["tasks"] for r in new.get("ranks", [])}
+    merged["ranks"] = [
+        {"rank": r, "tasks": {**old_ranks.get(r, {}), **new_ranks.get(r, {})}}
+        for r in sorted({*old_ranks, *new_ranks})
+    ]
+    return merged

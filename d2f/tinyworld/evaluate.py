@@ -23,7 +23,7 @@ def _task_manager(n: int, level: str, seed: int):
     return TaskManager(
         include_path=str(tasks_dir()),
         include_defaults=False,
-        metadata={"n": n, "level": level, "seed": seed},
+        metadata={"n": n, "level": level, "world_seed": seed},
     )
 
 

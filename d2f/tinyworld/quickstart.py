@@ -254,62 +254,41 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nquickstart done in {time.perf_counter() - t_start:.0f} s; results in {results}/")
 
 
-def _read_eval(run: Path) -> dict:
-    (res,) = sorted(run.glob("*/results_*.json"))[-1:]
-    task = json.loads(res.read_text())["results"]["d2f_tiny_add"]
-    speed = json.loads((run / "d2f_speed.json").read_text())["tasks"]["d2f_tiny_add"]
-    return {"score": task["exact_match,strict-match"], **speed}
+def _read_eval(run: Path):
+    """The `d2f_tiny_add` row of one cached eval run, read by the results-table module."""
+    from d2f.lmeval.table import find_runs, rows_of_run
 
-
-def _ratio(value: float, baseline: float) -> str:
-    return f"{value / baseline:.2f}x" if baseline > 0 else "n/a"  # n/a: the baseline made no tokens
+    ((_, row),) = [
+        (s, r) for s, r in rows_of_run(run, find_runs(run)[run]) if r.task == "d2f_tiny_add"
+    ]
+    return row
 
 
 def _write_table(table: list[dict], results: Path, args) -> None:
+    from d2f.lmeval.table import BatchRow, batch_table, markdown
+
     results.mkdir(parents=True, exist_ok=True)
-    big = f"b{args.big_batch}"
-    vanilla = next(c for c in table if c["strategy"] == "vanilla")
-    header = [
-        "method",
-        "model",
-        "score",
-        "TPF",
-        "gen len",
-        "TPS b1",
-        "latency b1 (s)",
-        "speed-up b1",
-        f"TPS b{args.big_batch}",
-        f"speed-up b{args.big_batch}",
-    ]
-    rows = []
-    for c in table:
-        b1, bb = c["b1"], c[big]
-        rows.append(
-            [
-                c["row"],
-                c["model"],
-                f"{100 * bb['score']:.1f}%",
-                f"{b1['tokens_per_forward']:.2f}",
-                f"{b1['gen_length']:.1f}",
-                f"{b1['tokens_per_second']:.0f}",
-                f"{b1['latency_s']:.3f}",
-                _ratio(b1["tokens_per_second"], vanilla["b1"]["tokens_per_second"]),
-                f"{bb['tokens_per_second']:.0f}",
-                _ratio(bb["tokens_per_second"], vanilla[big]["tokens_per_second"]),
-            ]
+    big = args.big_batch
+    rows = [
+        BatchRow(
+            {"method": c["row"], "model": c["model"]},
+            {1: c["b1"], big: c[f"b{big}"]},
+            baseline=c["strategy"] == "vanilla",
         )
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+        for c in table
+    ]
+    header, cells = batch_table(rows, 1, big, score="exact_match,strict-match")
+    md = markdown(header, cells, left=len(header))
     note = (
         f"\nHeld-out split of d2f_tiny_add ({args.n} unseen operand pairs), exact match "
         "(strict `#### N`), lm-eval. TPF = generated tokens up to and including the first end "
-        f"token per forward; TPS and latency at batch 1 and at batch {args.big_batch}; speed-up vs "
+        f"token per forward; TPS and latency at batch 1 and at batch {big}; speed-up vs "
         f"vanilla. {args.threads} torch thread(s).\n"
     )
-    (results / "table.md").write_text("\n".join(md) + "\n" + note)
+    (results / "table.md").write_text(md + note)
     with open(results / "table.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    print("\n" + "\n".join(md) + "\n" + note)
+        csv.writer(f).writerows([header, *cells])
+    print("\n" + md + note)
 
 
 def _picture(teacher: Path, adapter: Path, results: Path, spec: WorldSpec) -> None:

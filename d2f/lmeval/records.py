@@ -1,0 +1,49 @@
+"""Data of the shipped local lm-eval tasks: JSON-lines records, checked before anything runs.
+
+lm-eval calls a task's `custom_dataset` while it builds the tasks, before the first request, so a
+missing, empty or malformed data file fails here with its name (and line), not later as an
+`IndexError` deep inside lm-eval.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """The records of a JSON-lines file, each with every one of `fields` (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    rows = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            absent = [k for k in fields if k not in row]
+            if absent:
+                raise ValueError(f"{path}:{line_no}: record has no {absent}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no records (the task would have no documents)")
+    return rows
+
+
+def splits(
+    rows: list[dict], names: tuple[str, ...], fields: tuple[str, ...], where: str
+) -> datasets.DatasetDict:
+    """A DatasetDict of the records by their `split` field; every split must have records."""
+    out = {}
+    for name in names:
+        chosen = [{k: r[k] for k in fields} for r in rows if r.get("split") == name]
+        if not chosen:
+            raise ValueError(f"{where}: no records with split {name!r}")
+        out[name] = datasets.Dataset.from_list(chosen)
+    return datasets.DatasetDict(out)
