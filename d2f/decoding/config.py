@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Literal
 
 import torch
@@ -70,6 +71,14 @@ class DecodeConfig:
         return self.block_size * self.num_blocks
 
 
+class BlockState(IntEnum):
+    """The state of one answer block in the D2F pipeline (paper Sec. 3.3)."""
+
+    ABSENT = 0  # not added yet
+    SEMI = 1  # semi-activated: commits only above tau_conf
+    FULL = 2  # fully activated: commits at least one token per step
+
+
 @dataclass
 class RowStats:
     """Counts for one prompt."""
@@ -128,7 +137,7 @@ class StepEvent:
     """What one decoding step did, for streaming and for the decode picture (d2f.render).
 
     Tensors cover the active rows (`rows` are their indices in the input batch) and the answer
-    region: column j is answer token j. `block_state` uses `d2f.decoding.state` codes.
+    region: column j is answer token j. `block_state` holds `BlockState` codes (this module).
     """
 
     step: int
