@@ -127,13 +127,14 @@ def ar_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
     cache = DynamicCache(config=model.config)
     logits = forward(model, rec, batch, causal_mask(batch.valid[:, :P]), 0, P, cache)[:, -1:]
     rec.prefill_done()
-    for t in range(cfg.gen_length):
+    n_new = cfg.max_new_tokens  # one token per step: no need to fill the last block
+    for t in range(n_new):
         token = predict(logits, cfg, None, gen)[0][:, 0]  # (B,)
         batch.x[:, P + t] = token
         committed = torch.zeros_like(batch.answer, dtype=torch.bool)
         committed[:, t] = True
         rec.emit(batch, committed)
-        if t == cfg.gen_length - 1:
+        if t == n_new - 1:
             break
         done = torch.isin(token, end_ids)
         fin = done.tolist()  # one sync per step

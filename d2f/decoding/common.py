@@ -66,6 +66,8 @@ class Recorder:
         self.forwards = 0
         self.row_forwards = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.answers = torch.empty(n_rows, gen_length, dtype=torch.long, device=device)
+        # forwards whose logits had a NaN/inf, counted on the device: read once after decoding
+        self.nonfinite_forwards = torch.zeros((), dtype=torch.long, device=device)
         self.on_step = on_step
         self.step = 0
         self._t0 = time.perf_counter()
@@ -81,6 +83,10 @@ class Recorder:
     def called(self, rows: Tensor) -> None:
         self.forwards += 1
         self.row_forwards[rows] += 1
+
+    def check_logits(self, logits: Tensor) -> None:
+        """Count a forward with non-finite logits (B, W, V); no host sync."""
+        self.nonfinite_forwards += (~torch.isfinite(logits).all()).long()
 
     def prefill_done(self) -> None:
         self.prefill_s = self._now() - self._t0
@@ -142,6 +148,7 @@ def forward(
         use_cache=cache is not None,
         **with_cache,
     )
+    rec.check_logits(out.logits)  # before predict: it writes -inf into the mask id's column
     return out.logits
 
 

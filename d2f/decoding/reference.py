@@ -17,10 +17,16 @@ from d2f.mask import block_causal_mask, to_additive
 
 @torch.no_grad()
 def reference_decode_row(
-    model, prompt: list[int], cfg: DecodeConfig, family: Family, generator=None
+    model,
+    prompt: list[int],
+    cfg: DecodeConfig,
+    family: Family,
+    generator: torch.Generator | None = None,
+    rec: Recorder | None = None,
 ) -> tuple[list[int], int]:
     """Decode one prompt. Returns (answer ids of length gen_length, mask id = never decoded,
-    number of forwards). `generator` draws the samples when cfg.temperature > 0."""
+    number of forwards). `generator` draws the samples when cfg.temperature > 0; `rec`, when
+    given, checks every forward's logits for NaN/inf."""
     device = next(model.parameters()).device
     mask, bs = family.mask_token_id, cfg.block_size
     x = list(prompt)
@@ -65,6 +71,8 @@ def reference_decode_row(
             position_ids=torch.arange(len(x), device=device)[None],
         ).logits
         forwards += 1
+        if rec is not None:
+            rec.check_logits(logits)
         logits = family.align_logits(logits)  # Dream: position i is predicted by row i - 1
         x0, conf, score = (t[0].tolist() for t in predict(logits, cfg, mask, generator))
         # 4. commit, block by block
@@ -86,7 +94,7 @@ def reference_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
     rec.prefill_done()  # there is no prefill: every step recomputes everything
     gen = seeded_generator(cfg, next(model.parameters()).device)
     for b, prompt in enumerate(prompts):
-        answer, forwards = reference_decode_row(model, prompt, cfg, family, gen)
+        answer, forwards = reference_decode_row(model, prompt, cfg, family, gen, rec)
         rec.answers[b] = torch.tensor(answer, device=rec.answers.device)
         rec.forwards += forwards
         rec.row_forwards[b] += forwards
