@@ -52,8 +52,11 @@ class SeeingLM(nn.Module):
         )
         self.forwards = 0
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, cache=None):
+    def forward(
+        self, input_ids, attention_mask, position_ids, use_cache=False, cache=None, **old_name
+    ):
         self.forwards += 1
+        cache = old_name.get("past_key_values", cache)  # transformers < 5.24 spelled it so
         keys = input_ids.float()[:, None, :, None]  # (B, 1, W, 1): the "KV" is the token id
         if cache is not None:
             keys = cache.update(keys, keys, 0)[0]  # (B, 1, K, 1): cached prefix + window
@@ -117,3 +120,13 @@ def test_hand_worked_trace_other_paths(strategy):
         assert out.tokens == [WANT_TOKENS] and model.forwards == 6
     else:
         assert out.tokens == [[4, 5, 1, 2, 3, 3, 5, 1]] and model.forwards == 8
+
+
+@pytest.mark.parametrize("strategy", ["d2f", "reference", "vanilla", "fast_dllm"])
+def test_max_new_tokens_not_a_multiple_is_honoured(strategy):
+    """6 tokens with blocks of 4: two blocks are decoded and the answer is cut to 6 (it used to
+    be silently capped at one block, 4 tokens). For d2f these are the trace's first 6 tokens."""
+    out = generate(SeeingLM(), [PROMPT], CFG, strategy=strategy, max_new_tokens=6)
+    assert len(out.tokens[0]) == out.stats.rows[0].tokens == 6
+    if strategy in ("d2f", "reference"):
+        assert out.tokens == [WANT_TOKENS[:6]]
