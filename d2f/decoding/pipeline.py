@@ -71,7 +71,7 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
 
     cache = DynamicCache(config=model.config)
     logits = forward(model, rec, batch, block_causal_mask(full_ids[:, :P]), 0, P, cache)
-    carry = logits[:, -1]  # (B, V): predicts the first answer token when logits are shifted
+    carry = logits[:, -1].clone()  # (B, V): predicts the first answer token (shifted families)
     cached = P  # columns whose exact KV is in the cache
     rec.prefill_done()
 
@@ -109,13 +109,12 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
         if end > new_cached:
             cache.crop(-(end - new_cached))
         preds = family.align_logits(logits, carry)  # (B, W, V): column i predicts token i
-        if (
-            new_cached > start
-        ):  # Dream: the last newly cached column predicts the next window's first
-            carry = logits[:, new_cached - 1 - start]
-        logits = preds
+        if family.shift_logits and new_cached > start:
+            # the last newly cached column predicts the next window's first (clone: a view
+            # would keep this step's whole logits tensor alive)
+            carry = logits[:, new_cached - 1 - start].clone()  # (B, V)
         cached = new_cached
-        x0, conf, score = predict(logits, cfg, mask_id, gen)
+        x0, conf, score = predict(preds, cfg, mask_id, gen)
         answer_w = batch.x[:, start:end]
         first_block = (start - P) // bs
         state_w = state[:, first_block : first_block + (end - start) // bs]
