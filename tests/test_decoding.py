@@ -22,10 +22,10 @@ SETTINGS = [  # (tau_add, tau_act, tau_conf)
 
 
 class Counter:
-    """Counts model calls and the rows in each (a forward hook, independent of the decoder)."""
+    """Counts model calls (a forward hook, independent of the decoder's own count)."""
 
     def __init__(self, model):
-        self.calls, self.rows = 0, 0
+        self.calls = 0
         model.register_forward_hook(self)
 
     def __call__(self, module, args, kwargs_or_out, out=None):

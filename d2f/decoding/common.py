@@ -226,6 +226,7 @@ def commit(
 
 
 def end_mask(tokens: Tensor, end_ids: Tensor) -> Tensor:
+    """(B, G) bool: which tokens are end tokens."""
     return torch.isin(tokens, end_ids)
 
 

@@ -27,6 +27,7 @@ from d2f.decoding.common import (
     Recorder,
     commit,
     drop_finished,
+    end_mask,
     ended_rows,
     forward,
     predict,
@@ -77,7 +78,7 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
 
     for _ in range(cfg.gen_length + 2):  # every step commits >= 1 token: this never runs out
         frac = decoded_fraction(batch.answer, mask_id, bs)  # (B, NB)
-        ended = (batch.answer[:, :, None] == end_ids).any((1, 2))  # (B,)
+        ended = end_mask(batch.answer, end_ids).any(1)  # (B,) an end token is decoded
         state = update_blocks(state, frac, ended, cfg)
         exists = state != BlockState.ABSENT
         complete = exists & (frac == 1.0)
