@@ -18,7 +18,7 @@ Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference
 STRATEGIES: tuple[str, ...] = ("d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference")
 
 
-PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Sec. 4.1, every benchmark)
+PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
 _INTS = ("block_size", "top_k")  # int fields
 _OPTIONAL_INTS = ("max_new_tokens", "seed", "max_length", "steps_per_block")  # int or None
 _REALS = ("tau_add", "tau_act", "tau_conf", "temperature", "top_p")  # finite real numbers
