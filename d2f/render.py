@@ -3,7 +3,8 @@
 Each row of the picture is one decoding step, each column one answer position. A cell shows the
 position's state during that step: not added yet, undecoded in a semi-activated block, undecoded in
 a fully activated block, committed in this step, or decoded earlier. Record with
-`generate(..., record=True)`, then `render_png(out.trace, row, path)` or `render_html(...)`.
+`generate(..., record=True)`, then `render_png(out.trace, "decode.png", row=0)` or
+`render_html(out.trace, "decode.html", row=0, tokenizer=tok)`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from d2f.decoding.config import StepEvent
+from d2f.decoding.config import BlockState, StepEvent
 
-# cell codes and their colours / legend
-ABSENT, SEMI, FULL, NEW, OLD = 0, 1, 2, 3, 4
+# cell codes and their colours / legend: the block states, then two codes of the picture's own
+ABSENT, SEMI, FULL = int(BlockState.ABSENT), int(BlockState.SEMI), int(BlockState.FULL)
+NEW, OLD = 3, 4
 COLOURS = {ABSENT: "#ffffff", SEMI: "#c6dbef", FULL: "#6baed6", NEW: "#e6550d", OLD: "#bdbdbd"}
 LEGEND = {
     ABSENT: "block not added",
@@ -43,8 +45,7 @@ def decode_grid(trace: list[StepEvent], row: int = 0) -> torch.Tensor:
             state = event.block_state[i].long().repeat_interleave(bs)
         else:  # strategies without block states: every position counts as active
             state = torch.full((G,), FULL)
-        grid = torch.where(state == 0, ABSENT, torch.where(state == 1, SEMI, FULL))
-        grid = torch.where(decoded, OLD, grid)
+        grid = torch.where(decoded, OLD, state)  # undecoded cells show their block's state
         cells.append(torch.where(committed, NEW, grid))
         decoded = decoded | committed
     if not cells:
@@ -55,7 +56,8 @@ def decode_grid(trace: list[StepEvent], row: int = 0) -> torch.Tensor:
 def render_png(
     trace: list[StepEvent], path: str | Path, row: int = 0, title: str | None = None
 ) -> Path:
-    """Save the decode picture of prompt `row` as a PNG (matplotlib, no display needed)."""
+    """Save the decode picture of prompt `row` as a PNG at exactly `path` (matplotlib, no
+    display needed); returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +87,7 @@ def render_png(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # NOTE: without format= a bare name gets ".png"
     plt.close(fig)
     return path
 

@@ -1,10 +1,15 @@
 """The decode picture and the streaming CLI."""
 
+import dataclasses
+import io
+from pathlib import Path
+
 import pytest
 import torch
 
-from d2f.decoding import DecodeConfig, generate
-from d2f.generate import main
+import d2f
+from d2f.decoding import DecodeConfig, StepEvent, generate
+from d2f.generate import StreamPrinter, main
 from d2f.models import load_model
 from d2f.render import ABSENT, FULL, NEW, OLD, SEMI, decode_grid, render_html, render_png
 
@@ -68,3 +73,117 @@ def test_cli_bad_values_fail_cleanly(tiny_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(tiny_dir("llada")), "--prompt", "x", "--tau_conf", "2"])
     assert exc.value.code == 2 and "tau_conf must be in [0, 1]" in capsys.readouterr().err
+
+
+ASSETS = Path(d2f.__file__).parent / "tinyworld" / "assets"
+
+
+@pytest.mark.parametrize("which", ["teacher", "ar", "tiny_llada"])
+def test_cli_readme_form_works_with_defaults(which, tiny_dir, capsys):
+    """`python -m d2f.generate --model DIR --prompt ...` with every default, on the shipped tiny
+    models (context 128) and a `python -m d2f.tiny` checkpoint (context 512)."""
+    model = str(tiny_dir("llada")) if which == "tiny_llada" else str(ASSETS / which)
+    main(["--model", model, "--prompt", "what is 3 plus 4 ?"])
+    printed = capsys.readouterr().out
+    strategy = "ar" if which == "ar" else "d2f"
+    assert f"[{strategy}] 1 rows" in printed and "tokens/forward" in printed
+
+
+def test_cli_impossible_length_is_a_clean_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(ASSETS / "teacher"), "--prompt", "x", "--max_new_tokens", "512"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "use max_new_tokens at most 96" in err
+
+
+def test_cli_help_documents_every_decode_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    from d2f.decoding.config import field_help
+
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exc.value.code == 0
+    helps = field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(DecodeConfig)}
+    for f in dataclasses.fields(DecodeConfig):
+        assert f"--{f.name}" in text
+        assert " ".join(helps[f.name].split()) in text, f.name
+    for f in dataclasses.fields(DecodeConfig):
+        if f.name != "strategy":
+            assert f"(default: {f.default})" in text
+    assert "--chat, --no-chat" in text and "--truncate_prompt, --no-truncate_prompt" in text
+
+
+def test_cli_boolean_flags_are_flags(tiny_dir, capsys):
+    main(
+        [
+            "--model",
+            str(tiny_dir("llada")),
+            "--prompt",
+            "how many apples ?",
+            "--no-chat",
+            "--truncate_prompt",
+            "--block_size",
+            "4",
+            "--max_new_tokens",
+            "8",
+        ]
+    )
+    assert "[d2f] 1 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--picture", "decode"], "must end in .png or .html"),
+        (["--device", "tpu9"], "is not a torch device"),
+        (["--block_size", "4.5"], "invalid int value"),
+    ],
+)
+def test_cli_refuses_before_loading(extra, match, capsys, tmp_path):
+    """Refused before any load: the model path does not even exist."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "none"), "--prompt", "x", *extra])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine with no CUDA")
+def test_cli_cuda_without_cuda(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "none"), "--prompt", "x", "--device", "cuda"])
+    assert exc.value.code == 2 and "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_render_png_writes_the_path_it_returns(traced, tmp_path):
+    """A name without a suffix is written as given (matplotlib would append .png)."""
+    out, _ = traced
+    path = render_png(out.trace, tmp_path / "decode")
+    assert path == tmp_path / "decode" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stream_stops_at_the_first_end_token(traced):
+    """Streaming shows what the final text shows: nothing after the first end token (vanilla
+    decodes positions after it), nothing after the first undecoded position."""
+    _, tok = traced
+    words = [tok.convert_tokens_to_ids(w) for w in ("how", "many", "apples", "left")]
+    end, mask = 0, 2  # the tiny LLaDA's <|endoftext|> and <|mdm_mask|>
+    sink = io.StringIO()
+    printer = StreamPrinter(tok, mask, end_ids=(end,), out=sink)
+
+    def step(answer):
+        n = len(answer)
+        printer(
+            StepEvent(
+                1,
+                torch.tensor([0]),
+                torch.tensor([answer]),
+                torch.zeros(1, n, dtype=torch.bool),
+                None,
+            )
+        )
+
+    step([words[0], mask, mask, mask, words[3]])
+    assert sink.getvalue() == "how"
+    step([words[0], words[1], end, mask, words[3]])
+    step([words[0], words[1], end, words[2], words[3]])
+    assert sink.getvalue() == tok.decode(words[:2], skip_special_tokens=True) == "how many"

@@ -4,9 +4,10 @@
 `DecodeOutput` (tokens, texts, stats, optional step trace).
 """
 
-from d2f.decoding.api import DECODERS, generate, prepare_prompts
+from d2f.decoding.api import DECODERS, encode_prompts, fit_to_context, generate, prepare_prompts
 from d2f.decoding.config import (
     STRATEGIES,
+    BlockState,
     DecodeConfig,
     DecodeOutput,
     DecodeStats,
@@ -17,11 +18,14 @@ from d2f.decoding.config import (
 __all__ = [
     "DECODERS",
     "STRATEGIES",
+    "BlockState",
     "DecodeConfig",
     "DecodeOutput",
     "DecodeStats",
     "RowStats",
     "StepEvent",
+    "encode_prompts",
+    "fit_to_context",
     "generate",
     "prepare_prompts",
 ]

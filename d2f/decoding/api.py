@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 
 from d2f.decoding.baselines import ar_decode, fast_dllm_decode, vanilla_decode
 from d2f.decoding.common import Recorder
-from d2f.decoding.config import DecodeConfig, DecodeOutput, DecodeStats, RowStats, StepEvent
+from d2f.decoding.config import (
+    PAPER_MAX_NEW_TOKENS,
+    DecodeConfig,
+    DecodeOutput,
+    DecodeStats,
+    RowStats,
+    StepEvent,
+)
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
 from d2f.family import Family, family_of
@@ -22,14 +30,10 @@ DECODERS: dict[str, Callable] = {
 }
 
 
-def prepare_prompts(
-    prompts: Sequence[str | Sequence[int]],
-    tokenizer,
-    family: Family,
-    cfg: DecodeConfig,
-    context: int,
+def encode_prompts(
+    prompts: Sequence[str | Sequence[int]], tokenizer, family: Family, cfg: DecodeConfig
 ) -> list[list[int]]:
-    """Token ids of every prompt (chat template applied to strings when asked), checked to fit."""
+    """Token ids of every prompt (the chat template applied to strings when asked)."""
     if isinstance(prompts, str | bytes) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or of token id lists")
     chat = family.use_chat_template if cfg.chat is None else cfg.chat
@@ -51,18 +55,79 @@ def prepare_prompts(
             ids = [int(t) for t in p]
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty")
-        limit = context - cfg.gen_length
-        if len(ids) > limit:
-            if not cfg.truncate_prompt:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; with {cfg.gen_length} new tokens the "
-                    f"context of {context} leaves {limit} (set truncate_prompt=True to cut it)"
-                )
-            if limit <= 0:
-                raise ValueError(f"max_new_tokens {cfg.gen_length} leaves no room in {context}")
-            ids = ids[-limit:]
         out.append(ids)
     return out
+
+
+def fit_to_context(
+    ids: list[list[int]], cfg: DecodeConfig, context: int
+) -> tuple[list[list[int]], DecodeConfig]:
+    """Check that every prompt plus the answer blocks fits `context` positions.
+
+    `max_new_tokens=None` becomes the most whole blocks that fit after the longest prompt, at most
+    `PAPER_MAX_NEW_TOKENS` (with `truncate_prompt`, at least one block). Prompts too long for the
+    answer are left-truncated when `cfg.truncate_prompt`, refused otherwise.
+    Returns (prompt ids, the config with `max_new_tokens` set).
+    """
+    bs = cfg.block_size
+    if cfg.max_new_tokens is None:
+        room = context - max(len(p) for p in ids)
+        fits = min(room, PAPER_MAX_NEW_TOKENS) // bs * bs
+        if fits < bs and cfg.truncate_prompt:
+            fits = bs
+        if fits < bs:
+            i = max(range(len(ids)), key=lambda j: len(ids[j]))
+            raise ValueError(
+                f"prompt {i} has {len(ids[i])} tokens: the context of {context} leaves {room}, "
+                f"less than one block of block_size={bs} (shorten the prompt, lower block_size, "
+                "or set truncate_prompt=True to keep its last tokens)"
+            )
+        cfg = dataclasses.replace(cfg, max_new_tokens=fits)
+    limit = context - cfg.gen_length
+    if limit <= 0:  # no prompt can fit: truncation cannot help, say what can
+        most = (context - 1) // bs * bs
+        fix = f"at most {most}" if most >= bs else f"a smaller block_size than {bs}"
+        raise ValueError(
+            f"max_new_tokens={cfg.max_new_tokens} ({cfg.gen_length} in whole blocks of {bs}) "
+            f"leaves no room for a prompt in the context of {context}: use max_new_tokens "
+            f"{fix}, or None for the most that fits"
+        )
+    out = []
+    for i, p in enumerate(ids):
+        if len(p) > limit:
+            if not cfg.truncate_prompt:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with {cfg.gen_length} new tokens the "
+                    f"context of {context} leaves {limit} (set truncate_prompt=True to keep its "
+                    f"last {limit} tokens, or lower max_new_tokens)"
+                )
+            p = p[-limit:]
+        out.append(p)
+    return out, cfg
+
+
+def prepare_prompts(
+    prompts: Sequence[str | Sequence[int]],
+    tokenizer,
+    family: Family,
+    cfg: DecodeConfig,
+    context: int,
+) -> list[list[int]]:
+    """Token ids of every prompt, checked to fit `context` with the answer (`fit_to_context`)."""
+    return fit_to_context(encode_prompts(prompts, tokenizer, family, cfg), cfg, context)[0]
+
+
+def model_context(model, cfg: DecodeConfig) -> int:
+    """Positions available to prompt + answer: `cfg.max_length`, at most the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if cfg.max_length is None:
+        return limit or 2**31
+    if limit is not None and cfg.max_length > limit:
+        raise ValueError(
+            f"max_length={cfg.max_length} is larger than the model's context "
+            f"(max_position_embeddings={limit})"
+        )
+    return cfg.max_length
 
 
 def _check_model(family: Family, cfg: DecodeConfig, vocab: int, prompts: list[list[int]]):
@@ -78,9 +143,22 @@ def _check_model(family: Family, cfg: DecodeConfig, vocab: int, prompts: list[li
             )
         if family.mask_token_id is None:
             raise ValueError("the model has no mask token id (mask_token_id in config.json)")
-    top = max(max(p) for p in prompts)
-    if top >= vocab or min(min(p) for p in prompts) < 0:
-        raise ValueError(f"prompt token id {top} is outside the vocabulary of {vocab}")
+    for i, p in enumerate(prompts):
+        bad = next(((j, t) for j, t in enumerate(p) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt {i}: token id {bad[1]} (position {bad[0]}) is outside the "
+                f"vocabulary [0, {vocab})"
+            )
+        mask = family.mask_token_id
+        if mask is not None and mask in p:
+            where = [j for j, t in enumerate(p) if t == mask]
+            warnings.warn(
+                f"prompt {i} contains the mask token id {mask} at positions {where[:8]}: the "
+                "model treats them as undecoded positions and fills them in",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def generate(
@@ -96,13 +174,15 @@ def generate(
 
     `config` (default `DecodeConfig()`) picks the strategy and its settings; keyword `overrides`
     replace its fields. `on_step` receives a `StepEvent` after every step (streaming);
-    `record=True` keeps them in `out.trace` (for `d2f.render`).
+    `record=True` keeps them in `out.trace` (for `d2f.render`). Warns (RuntimeWarning) when the
+    model produced NaN or infinite logits: such answers are meaningless.
     """
     cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
     family = family_of(model)
-    context = cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 2**31
-    ids = prepare_prompts(prompts, tokenizer, family, cfg, context)
+    context = model_context(model, cfg)
+    ids = encode_prompts(prompts, tokenizer, family, cfg)
     _check_model(family, cfg, model.config.vocab_size, ids)
+    ids, cfg = fit_to_context(ids, cfg, context)
     if cfg.strategy == "cache_only":
         cfg = dataclasses.replace(cfg, tau_add=1.0)
 
@@ -125,11 +205,25 @@ def generate(
     finally:
         if was_training:
             model.train()
-    return _output(rec, family, tokenizer, trace)
+    _warn_nonfinite(rec)
+    return _output(rec, family, tokenizer, trace, cfg.max_new_tokens)
 
 
-def _output(rec: Recorder, family: Family, tokenizer, trace) -> DecodeOutput:
-    answers = rec.answers.tolist()
+def _warn_nonfinite(rec: Recorder) -> None:
+    bad = int(rec.nonfinite_forwards)  # NOTE: the call's one extra host sync, after decoding
+    if bad:
+        warnings.warn(
+            f"the model produced NaN or infinite logits in {bad} of {rec.forwards} forwards: "
+            "the answers are meaningless (a NaN argmax is token 0). Check the weights (a "
+            "diverged or corrupted checkpoint or adapter) and the dtype (float16 overflow)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _output(rec: Recorder, family: Family, tokenizer, trace, cap: int) -> DecodeOutput:
+    """Answers cut to `cap` tokens (the buffer holds whole blocks) and before the first end."""
+    answers = [a[:cap] for a in rec.answers.tolist()]
     row_forwards = rec.row_forwards.tolist()
     tokens, rows = [], []
     ends = set(family.end_token_ids)

@@ -18,19 +18,19 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows, forward, predict
-from d2f.decoding.config import DecodeConfig
+from d2f.decoding.common import (
+    Batch,
+    Recorder,
+    commit,
+    drop_finished,
+    ended_rows,
+    forward,
+    predict,
+    seeded_generator,
+)
+from d2f.decoding.config import BlockState, DecodeConfig
 from d2f.family import Family
 from d2f.mask import block_ids, causal_mask, full_mask
-
-
-def _generator(cfg: DecodeConfig, device):
-    return torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
-
-
-def _shifted(logits: Tensor, family: Family) -> Tensor:
-    """Predictions aligned with the input columns for a forward that starts at column 0."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], 1) if family.shift_logits else logits
 
 
 def transfer_schedule(n_masked: Tensor, steps: int) -> Tensor:
@@ -46,7 +46,7 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
     device = next(model.parameters()).device
     mask_id, bs = family.mask_token_id, cfg.block_size
     steps = cfg.steps_per_block or bs
-    gen = _generator(cfg, device)
+    gen = seeded_generator(cfg, device)
     batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
     P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
     attn = full_mask(block_ids(batch.valid, torch.full((B,), P, device=device), bs))
@@ -56,7 +56,7 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
         in_block = (cols >= k * bs) & (cols < (k + 1) * bs)  # (G,)
         per_step = transfer_schedule((batch.answer[:, in_block] == mask_id).sum(1), steps)
         for s in range(steps):
-            logits = _shifted(forward(model, rec, batch, attn, 0, L), family)[:, P:]  # (B, G, V)
+            logits = family.align_logits(forward(model, rec, batch, attn, 0, L))[:, P:]  # (B, G, V)
             x0, conf, _ = predict(logits, cfg, mask_id, gen)
             if cfg.remasking == "random":
                 conf = torch.rand(conf.shape, generator=gen, device=device)
@@ -71,23 +71,12 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
     rec.close()
 
 
-def _commit_block(preds, answer_blk, cfg, mask_id, gen):
-    """Fast-dLLM's rule in one block: all above tau_conf, else the single best. (B, bs) bool."""
-    x0, conf, score = predict(preds, cfg, mask_id, gen)
-    masked = answer_blk == mask_id
-    chosen = masked & (conf > cfg.tau_conf)
-    need = masked.any(1) & ~chosen.any(1)
-    best = score.masked_fill(~masked, float("-inf")).argmax(1)
-    chosen |= torch.nn.functional.one_hot(best, answer_blk.shape[1]).bool() & need[:, None]
-    return torch.where(chosen, x0, answer_blk), chosen
-
-
 @torch.no_grad()
 def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
     device = next(model.parameters()).device
     mask_id, bs = family.mask_token_id, cfg.block_size
     end_ids = torch.tensor(family.end_token_ids, device=device)
-    gen = _generator(cfg, device)
+    gen = seeded_generator(cfg, device)
     batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
     P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
     ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)
@@ -104,10 +93,14 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
         cache = DynamicCache(config=model.config)
         logits = forward(model, rec, batch, full_mask(ids), 0, L, cache)  # (B, L, V)
         cache.crop(-(L - start))  # keep the prefix only
-        carry = logits[:, start - 1]
-        preds = _shifted(logits, family)[:, start:end]
+        carry = logits[:, start - 1]  # (B, V): predicts the block's first token (Dream)
+        preds = family.align_logits(logits)[:, start:end]  # (B, bs, V)
+        one_full_block = torch.full((batch.x.shape[0], 1), BlockState.FULL, device=device)
         while True:
-            blk, chosen = _commit_block(preds, batch.x[:, start:end], cfg, mask_id, gen)
+            blk = batch.x[:, start:end]  # (B, bs)
+            x0, conf, score = predict(preds, cfg, mask_id, gen)
+            chosen = commit(blk, one_full_block, x0, conf, score, mask_id, cfg)  # (B, bs)
+            blk = torch.where(chosen, x0, blk)
             batch.x[:, start:end] = blk
             committed = torch.zeros_like(batch.answer, dtype=torch.bool)
             committed[:, start - P : end - P] = chosen
@@ -116,9 +109,7 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
                 break
             logits = forward(model, rec, batch, full_mask(ids, start, L), start, L, cache)
             cache.crop(-(L - start))
-            if family.shift_logits:
-                logits = torch.cat([carry[:, None], logits[:, :-1]], 1)
-            preds = logits[:, : end - start]
+            preds = family.align_logits(logits, carry)[:, : end - start]  # (B, bs, V)
     if batch.x.shape[0]:
         rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()
@@ -128,7 +119,7 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
 def ar_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
     device = next(model.parameters()).device
     end_ids = torch.tensor(family.end_token_ids, device=device)
-    gen = _generator(cfg, device)
+    gen = seeded_generator(cfg, device)
     batch = Batch.create(
         prompts, cfg.gen_length, family.end_token_ids[0], family.pad_token_id, device
     )
@@ -136,13 +127,14 @@ def ar_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
     cache = DynamicCache(config=model.config)
     logits = forward(model, rec, batch, causal_mask(batch.valid[:, :P]), 0, P, cache)[:, -1:]
     rec.prefill_done()
-    for t in range(cfg.gen_length):
+    n_new = cfg.max_new_tokens  # one token per step: no need to fill the last block
+    for t in range(n_new):
         token = predict(logits, cfg, None, gen)[0][:, 0]  # (B,)
         batch.x[:, P + t] = token
         committed = torch.zeros_like(batch.answer, dtype=torch.bool)
         committed[:, t] = True
         rec.emit(batch, committed)
-        if t == cfg.gen_length - 1:
+        if t == n_new - 1:
             break
         done = torch.isin(token, end_ids)
         fin = done.tolist()  # one sync per step

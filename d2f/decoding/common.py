@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from d2f.decoding.config import DecodeConfig, StepEvent
+from d2f.decoding.config import BlockState, DecodeConfig, StepEvent
 from d2f.mask import position_ids, to_additive
 
 
@@ -66,6 +66,8 @@ class Recorder:
         self.forwards = 0
         self.row_forwards = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.answers = torch.empty(n_rows, gen_length, dtype=torch.long, device=device)
+        # forwards whose logits had a NaN/inf, counted on the device: read once after decoding
+        self.nonfinite_forwards = torch.zeros((), dtype=torch.long, device=device)
         self.on_step = on_step
         self.step = 0
         self._t0 = time.perf_counter()
@@ -81,6 +83,10 @@ class Recorder:
     def called(self, rows: Tensor) -> None:
         self.forwards += 1
         self.row_forwards[rows] += 1
+
+    def check_logits(self, logits: Tensor) -> None:
+        """Count a forward with non-finite logits (B, W, V); no host sync."""
+        self.nonfinite_forwards += (~torch.isfinite(logits).all()).long()
 
     def prefill_done(self) -> None:
         self.prefill_s = self._now() - self._t0
@@ -132,20 +138,23 @@ def forward(
     """
     rec.called(batch.rows)
     dtype = next(model.parameters()).dtype
+    # NOTE: transformers 5.24 renamed the forward's cache argument `past_key_values` -> `cache`
+    # (the old name warns and goes in 5.40); without a cache the argument is left out entirely.
+    with_cache = {} if cache is None else {"cache": cache}
     out = model(
         input_ids=batch.x[:, start:end],
         attention_mask=to_additive(mask_bool, dtype),
         position_ids=batch.pos[:, start:end],
-        past_key_values=cache,
         use_cache=cache is not None,
+        **with_cache,
     )
+    rec.check_logits(out.logits)  # before predict: it writes -inf into the mask id's column
     return out.logits
 
 
-def shift_logits(logits: Tensor, carry: Tensor) -> Tensor:
-    """Dream: the logits at position i-1 predict token i. carry (B, V): logits of the column
-    before the window. Returns (B, W, V) predictions aligned with the window's columns."""
-    return torch.cat([carry[:, None], logits[:, :-1]], 1)
+def seeded_generator(cfg: DecodeConfig, device) -> torch.Generator | None:
+    """The sampling generator of one `generate` call: seeded by `cfg.seed`, None = global RNG."""
+    return torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
 
 
 def predict(logits: Tensor, cfg: DecodeConfig, mask_id: int | None, generator=None):
@@ -188,7 +197,36 @@ def predict(logits: Tensor, cfg: DecodeConfig, mask_id: int | None, generator=No
     return x0, conf, score
 
 
+def commit(
+    answer_w: Tensor,
+    state_w: Tensor,
+    x0: Tensor,
+    conf: Tensor,
+    score: Tensor,
+    mask_id: int,
+    cfg: DecodeConfig,
+) -> Tensor:
+    """The commit rule (paper Sec. 3.3), the one copy D2F and Fast-dLLM share.
+
+    In every live block, commit the masked positions whose probability `conf` is > tau_conf; a
+    fully activated block that commits none commits its single best masked position by `score`;
+    a semi-activated block may commit none. answer_w, x0, conf, score: (B, W) over the window's
+    answer columns (W a multiple of block_size); state_w: (B, W // bs) `BlockState` codes.
+    Returns (B, W) bool: positions to commit.
+    """
+    B, W = answer_w.shape
+    bs = cfg.block_size
+    masked = (answer_w == mask_id).view(B, -1, bs)  # (B, nbw, bs)
+    live = (state_w != BlockState.ABSENT)[..., None]
+    chosen = masked & live & (conf.view(B, -1, bs) > cfg.tau_conf)
+    need = (state_w == BlockState.FULL) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
+    best = score.view(B, -1, bs).masked_fill(~masked, float("-inf")).argmax(-1)  # (B, nbw)
+    fallback = torch.nn.functional.one_hot(best, bs).bool() & need[..., None]
+    return (chosen | fallback).view(B, W)
+
+
 def end_mask(tokens: Tensor, end_ids: Tensor) -> Tensor:
+    """(B, G) bool: which tokens are end tokens."""
     return torch.isin(tokens, end_ids)
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import io
+import math
+import numbers
+import tokenize
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Literal
 
 import torch
@@ -11,13 +18,24 @@ Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference
 STRATEGIES: tuple[str, ...] = ("d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference")
 
 
+PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
+_INTS = ("block_size", "top_k")  # int fields
+_OPTIONAL_INTS = ("max_new_tokens", "seed", "max_length", "steps_per_block")  # int or None
+_REALS = ("tau_add", "tau_act", "tau_conf", "temperature", "top_p")  # finite real numbers
+_BOOLS = ("truncate_prompt",)
+_OPTIONAL_BOOLS = ("chat",)
+
+
 @dataclass
 class DecodeConfig:
-    """How to decode. Defaults follow the paper (tau_conf 0.9, tau_add 0.1, tau_act 0.95)."""
+    """How to decode. Defaults follow the paper (tau_conf 0.9, tau_add 0.1, tau_act 0.95).
+
+    NOTE: every field's one-line comment is its `python -m d2f.generate --help` text.
+    """
 
     strategy: Strategy = "d2f"  # which decoder; all return the same DecodeOutput
     block_size: int = 32  # tokens per block (> 0)
-    max_new_tokens: int = 512  # generation cap; the answer has block_size * (this // block_size)
+    max_new_tokens: int | None = None  # answer cap; None = most whole blocks that fit, <= 512
     tau_add: float = 0.1  # [0, 1] add a block when the last one's decoded fraction >= this
     tau_act: float = 0.95  # [0, 1] fully activate a block when its predecessor's fraction >= this
     tau_conf: float = 0.9  # [0, 1] commit a prediction whose probability is > this
@@ -28,19 +46,22 @@ class DecodeConfig:
     seed: int | None = None  # seed of the sampling generator (temperature > 0)
     chat: bool | None = None  # apply the chat template to string prompts; None = family default
     max_length: int | None = None  # sequence limit (prompt + answer); None = model's context
-    truncate_prompt: bool = False  # left-truncate long prompts instead of raising
+    truncate_prompt: bool = False  # left-truncate prompts that leave no room for the answer
     steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
     remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla's remasking rule
 
     def __post_init__(self):
+        self._check_types()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {self.block_size}")
-        if self.max_new_tokens < self.block_size:
+        if self.max_new_tokens is not None and self.max_new_tokens < self.block_size:
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be >= block_size ({self.block_size})"
             )
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be > 0, got {self.max_length}")
         for name in ("tau_add", "tau_act", "tau_conf"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -61,13 +82,75 @@ class DecodeConfig:
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be low_confidence or random, got {self.remasking!r}")
 
+    def _check_types(self) -> None:
+        """TypeError naming the field for a value of the wrong type (bool is not an int here)."""
+
+        def fail(name: str, want: str) -> None:
+            value = getattr(self, name)
+            raise TypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
+
+        def is_int(value) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        for name in _INTS:
+            if not is_int(getattr(self, name)):
+                fail(name, "an int")
+        for name in _OPTIONAL_INTS:
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                fail(name, "an int or None")
+        for name in _REALS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                fail(name, "a number")
+            if not math.isfinite(value):  # nan, inf: softmax and sampling would be meaningless
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        for name in _OPTIONAL_BOOLS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                fail(name, "True, False or None")
+
+    def _resolved(self) -> int:
+        if self.max_new_tokens is None:
+            raise ValueError(
+                "max_new_tokens is None (= fit the context): resolve it with "
+                "d2f.decoding.fit_to_context first (generate does)"
+            )
+        return self.max_new_tokens
+
     @property
     def num_blocks(self) -> int:
-        return self.max_new_tokens // self.block_size
+        """Answer blocks: enough whole blocks to hold max_new_tokens."""
+        return -(-self._resolved() // self.block_size)
 
     @property
     def gen_length(self) -> int:
+        """Columns of the answer buffer (whole blocks); answers are cut to max_new_tokens."""
         return self.block_size * self.num_blocks
+
+
+def field_help() -> dict[str, str]:
+    """Each `DecodeConfig` field's one-line comment in this file's source (the CLI help)."""
+    tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(DecodeConfig)).readline)
+    helps, line_field = {}, None
+    for tok in tokens:
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and line_field is None:
+            line_field = tok.string  # a name at class-body indentation starts a field line
+        elif tok.type == tokenize.COMMENT and line_field is not None:
+            helps[line_field] = tok.string.lstrip("#").strip()
+        elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+            line_field = None
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    return {name: text for name, text in helps.items() if name in fields}
+
+
+class BlockState(IntEnum):
+    """The state of one answer block in the D2F pipeline (paper Sec. 3.3)."""
+
+    ABSENT = 0  # not added yet
+    SEMI = 1  # semi-activated: commits only above tau_conf
+    FULL = 2  # fully activated: commits at least one token per step
 
 
 @dataclass
@@ -128,7 +211,7 @@ class StepEvent:
     """What one decoding step did, for streaming and for the decode picture (d2f.render).
 
     Tensors cover the active rows (`rows` are their indices in the input batch) and the answer
-    region: column j is answer token j. `block_state` uses `d2f.decoding.state` codes.
+    region: column j is answer token j. `block_state` holds `BlockState` codes (this module).
     """
 
     step: int

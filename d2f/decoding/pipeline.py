@@ -18,8 +18,6 @@ A row stops when an end token is decoded with nothing undecoded before it, or wh
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
 from torch import Tensor
 from transformers import DynamicCache
@@ -27,21 +25,17 @@ from transformers import DynamicCache
 from d2f.decoding.common import (
     Batch,
     Recorder,
+    commit,
     drop_finished,
+    end_mask,
     ended_rows,
     forward,
     predict,
-    shift_logits,
+    seeded_generator,
 )
-from d2f.decoding.config import DecodeConfig
+from d2f.decoding.config import BlockState, DecodeConfig
 from d2f.family import Family
 from d2f.mask import block_causal_mask, block_ids
-
-
-class BlockState(IntEnum):
-    ABSENT = 0  # not added yet
-    SEMI = 1  # semi-activated: commits only above tau_conf
-    FULL = 2  # fully activated: commits at least one token per step
 
 
 def decoded_fraction(answer: Tensor, mask_id: int, bs: int) -> Tensor:
@@ -64,37 +58,13 @@ def update_blocks(state: Tensor, frac: Tensor, ended: Tensor, cfg: DecodeConfig)
     return torch.where(activate, BlockState.FULL, state).to(torch.int8)
 
 
-def commit(
-    answer_w: Tensor,
-    state_w: Tensor,
-    x0: Tensor,
-    conf: Tensor,
-    score: Tensor,
-    mask_id: int,
-    cfg: DecodeConfig,
-) -> Tensor:
-    """Step 3. All (B, W) over the window's answer columns, state_w (B, W // bs) block states.
-
-    Returns (B, W) bool: positions to commit.
-    """
-    B, W = answer_w.shape
-    bs = cfg.block_size
-    masked = (answer_w == mask_id).view(B, -1, bs)  # (B, nbw, bs)
-    live = (state_w != BlockState.ABSENT)[..., None]
-    chosen = masked & live & (conf.view(B, -1, bs) > cfg.tau_conf)
-    need = (state_w == BlockState.FULL) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
-    best = score.view(B, -1, bs).masked_fill(~masked, float("-inf")).argmax(-1)  # (B, nbw)
-    fallback = torch.nn.functional.one_hot(best, bs).bool() & need[..., None]
-    return (chosen | fallback).view(B, W)
-
-
 @torch.no_grad()
 def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Family, rec: Recorder):
     """Decode `prompts` (token id lists) with D2F; finished answers land in `rec.answers`."""
     device = next(model.parameters()).device
     mask_id, bs, NB = family.mask_token_id, cfg.block_size, cfg.num_blocks
     end_ids = torch.tensor(family.end_token_ids, device=device)
-    gen = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    gen = seeded_generator(cfg, device)
     batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
     P, B = batch.prompt_len, len(prompts)
     full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, P + G)
@@ -102,13 +72,13 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
 
     cache = DynamicCache(config=model.config)
     logits = forward(model, rec, batch, block_causal_mask(full_ids[:, :P]), 0, P, cache)
-    carry = logits[:, -1]  # (B, V): predicts the first answer token when logits are shifted
+    carry = logits[:, -1].clone()  # (B, V): predicts the first answer token (shifted families)
     cached = P  # columns whose exact KV is in the cache
     rec.prefill_done()
 
     for _ in range(cfg.gen_length + 2):  # every step commits >= 1 token: this never runs out
         frac = decoded_fraction(batch.answer, mask_id, bs)  # (B, NB)
-        ended = (batch.answer[:, :, None] == end_ids).any((1, 2))  # (B,)
+        ended = end_mask(batch.answer, end_ids).any(1)  # (B,) an end token is decoded
         state = update_blocks(state, frac, ended, cfg)
         exists = state != BlockState.ABSENT
         complete = exists & (frac == 1.0)
@@ -139,13 +109,13 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
         logits = forward(model, rec, batch, block_causal_mask(ids, start, end), start, end, cache)
         if end > new_cached:
             cache.crop(-(end - new_cached))
-        if family.shift_logits:
-            preds = shift_logits(logits, carry)
-            if new_cached > start:
-                carry = logits[:, new_cached - 1 - start]
-            logits = preds
+        preds = family.align_logits(logits, carry)  # (B, W, V): column i predicts token i
+        if family.shift_logits and new_cached > start:
+            # the last newly cached column predicts the next window's first (clone: a view
+            # would keep this step's whole logits tensor alive)
+            carry = logits[:, new_cached - 1 - start].clone()  # (B, V)
         cached = new_cached
-        x0, conf, score = predict(logits, cfg, mask_id, gen)
+        x0, conf, score = predict(preds, cfg, mask_id, gen)
         answer_w = batch.x[:, start:end]
         first_block = (start - P) // bs
         state_w = state[:, first_block : first_block + (end - start) // bs]

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from d2f.decoding.common import Recorder, predict
+from d2f.decoding.common import Recorder, predict, seeded_generator
 from d2f.decoding.config import DecodeConfig
 from d2f.family import Family
 from d2f.mask import block_causal_mask, to_additive
 
 
 @torch.no_grad()
-def reference_decode_row(model, prompt: list[int], cfg: DecodeConfig, family: Family):
+def reference_decode_row(
+    model,
+    prompt: list[int],
+    cfg: DecodeConfig,
+    family: Family,
+    generator: torch.Generator | None = None,
+    rec: Recorder | None = None,
+) -> tuple[list[int], int]:
     """Decode one prompt. Returns (answer ids of length gen_length, mask id = never decoded,
-    number of forwards)."""
+    number of forwards). `generator` draws the samples when cfg.temperature > 0; `rec`, when
+    given, checks every forward's logits for NaN/inf."""
     device = next(model.parameters()).device
     mask, bs = family.mask_token_id, cfg.block_size
     x = list(prompt)
@@ -63,9 +71,10 @@ def reference_decode_row(model, prompt: list[int], cfg: DecodeConfig, family: Fa
             position_ids=torch.arange(len(x), device=device)[None],
         ).logits
         forwards += 1
-        if family.shift_logits:  # position i is predicted by row i - 1
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
-        x0, conf, score = (t[0].tolist() for t in predict(logits, cfg, mask))
+        if rec is not None:
+            rec.check_logits(logits)
+        logits = family.align_logits(logits)  # Dream: position i is predicted by row i - 1
+        x0, conf, score = (t[0].tolist() for t in predict(logits, cfg, mask, generator))
         # 4. commit, block by block
         new_x = list(x)
         for k, start in enumerate(starts):
@@ -83,8 +92,9 @@ def reference_decode_row(model, prompt: list[int], cfg: DecodeConfig, family: Fa
 def reference_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
     """All rows, one after the other, through `reference_decode_row`."""
     rec.prefill_done()  # there is no prefill: every step recomputes everything
+    gen = seeded_generator(cfg, next(model.parameters()).device)
     for b, prompt in enumerate(prompts):
-        answer, forwards = reference_decode_row(model, prompt, cfg, family)
+        answer, forwards = reference_decode_row(model, prompt, cfg, family, gen, rec)
         rec.answers[b] = torch.tensor(answer, device=rec.answers.device)
         rec.forwards += forwards
         rec.row_forwards[b] += forwards
