@@ -241,8 +241,11 @@ class D2FLM(TemplateLM):
     def _config(self, gen_kwargs: dict) -> DecodeConfig:
         changes = {}
         if "max_new_tokens" not in self._user_decode_keys:
-            budget = int(gen_kwargs.get("max_gen_toks", self.decode.max_new_tokens))
-            changes["max_new_tokens"] = max(budget, self.decode.block_size)
+            budget = gen_kwargs.get("max_gen_toks", self.decode.max_new_tokens)
+            # None: the decoder fits the most whole blocks into the context (DecodeConfig)
+            changes["max_new_tokens"] = (
+                None if budget is None else max(int(budget), self.decode.block_size)
+            )
         if "temperature" not in self._user_decode_keys and gen_kwargs.get("do_sample"):
             changes["temperature"] = float(gen_kwargs.get("temperature", 1.0))
         return dataclasses.replace(self.decode, **changes)
