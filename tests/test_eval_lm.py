@@ -226,6 +226,20 @@ def test_generate_until_cuts_at_stop_strings_and_counts(lm):
     assert counted == len(lm.tok_encode(cut)) < lm.speed.tasks["t_free"].tokens
 
 
+def test_generate_until_without_any_length_fits_the_context(tiny_dir):
+    """No `max_new_tokens` model arg and no `max_gen_toks` in the task: the decoder's default (the
+    most whole blocks that fit the context) is used, not an error."""
+    from d2f.lmeval.lm import D2FLM
+
+    lm = D2FLM(pretrained=str(tiny_dir("llada")), block_size=4)
+    ctx = "Question: how many apples ?\nAnswer:"
+    (text,) = lm.generate_until(
+        [Instance("generate_until", {}, (ctx, {"until": []}), 0, ("t_fit", 0, 1))],
+        disable_tqdm=True,
+    )
+    assert isinstance(text, str) and lm.speed.tasks["t_fit"].tokens > 16
+
+
 def test_generate_until_batches_by_task_and_settings_in_callers_order(lm):
     """Collator groups by (task, generation settings) and sorts by length; the texts come back in
     the order of the requests, and each task's speed counts its own samples."""
