@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import d2f.train
-from d2f.config import DataConfig
+from d2f.config import DataConfig, NoiseConfig
 from d2f.data import EpochSampler, collate, encode_records, load_records
 from d2f.family import detect_spec
 from d2f.models import load_tokenizer, read_config
-from d2f.objectives import NoiseSpec, make_batch
+from d2f.objectives import make_batch
 from tests.train_helpers import TINY_QA, tiny_config
 
 RECORDS = [
@@ -64,7 +64,7 @@ def test_missing_field_and_empty_data_fail_clearly(tmp_path):
         load_records(_cfg(tmp_path, [a], answer_field="answer"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match=r"data.sources\[1\].*empty"):
+    with pytest.raises(ValueError, match=r"data.sources\[1\].*no records in .*empty.jsonl"):
         load_records(_cfg(tmp_path, [a, str(empty)]))
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "x.txt").write_text("hello")
@@ -114,12 +114,12 @@ def test_make_batch_padding_and_ar_targets(tiny_dir, tmp_path):
     pad = pos >= tokens.lengths[:, None]
     prompt = pos < tokens.prompt_lens[:, None]
     gen = torch.Generator().manual_seed(0)
-    with_pad = make_batch(tokens, fam, NoiseSpec("ramp", 4), gen)
+    with_pad = make_batch(tokens, fam, NoiseConfig("ramp", 4), gen)
     assert with_pad.valid.all() and with_pad.masked[pad].any() and not with_pad.masked[prompt].any()
-    no_pad = make_batch(tokens, fam, NoiseSpec("ramp", 4, mask_padding=False), gen)
+    no_pad = make_batch(tokens, fam, NoiseConfig("ramp", 4, mask_padding=False), gen)
     assert torch.equal(no_pad.valid, ~pad) and not no_pad.masked[pad].any()
     assert torch.all(no_pad.blocks[pad] == -1)
-    ar = make_batch(tokens, fam, NoiseSpec(None, 4), gen)
+    ar = make_batch(tokens, fam, NoiseConfig(None, 4), gen)
     assert torch.equal(ar.noisy_ids, tokens.input_ids) and torch.equal(ar.masked, ~prompt & ~pad)
 
 
