@@ -228,6 +228,9 @@ def check_checkpoint(checkpoint: Path, lora: bool, processes: int, deepspeed: bo
     for path in tensors:
         _check_safetensors(checkpoint, path)
     state_dir = checkpoint / "state"
+    pickled = sorted(p.name for p in state_dir.glob("custom_checkpoint_*.pkl"))
+    if pickled:  # accelerate would unpickle these with weights_only=False, i.e. run their code
+        raise _broken(checkpoint, f"state/{pickled[0]}: d2f writes no such pickle; refused")
     state = _read_json(checkpoint, state_dir / TRAINER_STATE)
     if state.get("processes") != processes:
         raise CheckpointError(

@@ -578,13 +578,15 @@ def main(cfg: RunConfig) -> Path:
         f"{run.noise.block_size}"
     )
     log = MetricsLog(run)
-    while run.state.step < tc.max_steps:
-        result = train_step(run, next_tokens(run))
-        log.step(result)
-        if result.taken:
-            run.state.skips_in_a_row = 0
-            maybe_checkpoint(run, log.note)
-    log.close()
+    try:
+        while run.state.step < tc.max_steps:
+            result = train_step(run, next_tokens(run))
+            log.step(result)
+            if result.taken:
+                run.state.skips_in_a_row = 0
+                maybe_checkpoint(run, log.note)
+    finally:  # also on an error: the progress bar and wandb are closed
+        log.close()
     run.accelerator.end_training()
     return run.out_dir
 
