@@ -1,4 +1,4 @@
-"""Typed configuration of the D2F trainer (paper Sec. 3 "asymmetric distillation"; PAPER_FACTS).
+"""Typed configuration of the D2F trainer (paper Sec. 3 "asymmetric distillation").
 
 The dataclasses below are the source of truth; Hydra YAML under `d2f/configs/` only selects and
 overrides them. `register_configs()` stores the schema in Hydra's ConfigStore, so a misspelt key

@@ -1,4 +1,4 @@
-"""Question/answer records -> fixed-length training sequences (paper Sec. 3; PAPER_FACTS "Training").
+"""Question/answer records -> fixed-length training sequences (paper Sec. 3).
 
 A sequence is
 

@@ -1,4 +1,4 @@
-"""The three training objectives of d2f, behind one signature (paper Sec. 3; PAPER_FACTS "Training").
+"""The three training objectives of d2f, behind one signature (paper Sec. 3).
 
 * `distill` (D2F asymmetric distillation, the default): the student is the base model + LoRA under the
   block-causal mask; the teacher is the SAME weights with the adapter disabled, under full

@@ -226,7 +226,6 @@ class Run:
     tokenizer: Any = None
     out_dir: Path = Path(".")
     config_yaml: str = ""
-    resumed_from: Path | None = None
 
     @property
     def global_batch(self) -> int:
@@ -304,7 +303,6 @@ def setup(cfg: RunConfig) -> Run | None:
         tokenizer=tokenizer,
         out_dir=out_dir,
         config_yaml=config_yaml,
-        resumed_from=resume,
     )
 
 
@@ -435,7 +433,10 @@ class MetricsLog:
             return
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            _rewrite(self.path, _records_up_to(self.path, run.state.step))
+            kept, dropped = _records_up_to(self.path, run.state.step)
+            _rewrite(self.path, kept)
+            if dropped:
+                acc.print(f"{self.path}: {dropped} record(s) after step {run.state.step} dropped")
         if tc.wandb:
             try:
                 import wandb
@@ -492,11 +493,11 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _records_up_to(path: Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl with records of steps <= `step`; a torn LAST line is dropped with
-    a warning, a damaged earlier one is an error naming the line."""
+def _records_up_to(path: Path, step: int) -> tuple[list[str], int]:
+    """The lines of metrics.jsonl with records of steps <= `step`, and how many later records were
+    dropped; a torn LAST line is dropped with a warning, a damaged earlier one is an error."""
     lines = path.read_text().splitlines()
-    kept = []
+    kept, dropped = [], 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -513,7 +514,9 @@ def _records_up_to(path: Path, step: int) -> list[str]:
             ) from None
         if record["step"] <= step:
             kept.append(line)
-    return kept
+        else:
+            dropped += 1
+    return kept, dropped
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
