@@ -190,7 +190,9 @@ def test_checkpoint_is_a_loadable_adapter_in_original_naming(sharp, tmp_path):
     base, _ = load_model(sharp)
     ids = torch.randint(10, 100, (1, 12))
     assert (student(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="differs from .*config.yaml.*\n  data.max_length: 48 -> 40"):
+    with pytest.raises(
+        ValueError, match="differs from .*config.yaml.*\n  data.max_length: 48 -> 40"
+    ):
         main(tiny_config(sharp, run, "train.max_steps=6", "data.max_length=40"))
 
 
