@@ -396,9 +396,10 @@ def _finite_everywhere(acc, loss: torch.Tensor, grad_norm) -> bool:
 def _nonfinite(run: Run, loss: torch.Tensor, grad_norm) -> None:
     """Stop (the default) or let the caller skip the batch, with a bounded number in a row."""
     tc = run.cfg.train
+    norm = "none" if grad_norm is None else f"{float(grad_norm):.4g}"
     where = (
         f"step {run.state.step + 1}: non-finite loss ({float(loss):.4g} on this process) or "
-        f"grad norm ({None if grad_norm is None else float(grad_norm):.4g})"
+        f"grad norm ({norm})"
     )
     if tc.on_nonfinite == "stop":
         raise FloatingPointError(
