@@ -1,4 +1,4 @@
-"""Typed configuration of the D2F trainer (paper Sec. 3 "asymmetric distillation"; PAPER_FACTS).
+"""Typed configuration of the D2F trainer (paper Sec. 3 "asymmetric distillation").
 
 The dataclasses below are the source of truth; Hydra YAML under `d2f/configs/` only selects and
 overrides them. `register_configs()` stores the schema in Hydra's ConfigStore, so a misspelt key
@@ -16,18 +16,38 @@ Layout (one Hydra group per top-level section):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import MISSING
 
 from d2f.paths import is_local
 
-FAMILIES = ("llada", "dream", "ar")  # d2f.family.SPECS names (checked against it in d2f.train)
-OBJECTIVES = ("distill", "mdm", "ar")
 SCHEDULES = ("ramp", "random", "single")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")  # both take our explicit 4D additive masks
+
+
+def _families() -> tuple[str, ...]:
+    from d2f.family import SPECS  # transformers: imported only when a config is checked
+
+    return tuple(SPECS)
+
+
+def _objectives() -> tuple[str, ...]:
+    from d2f.objectives import OBJECTIVES  # torch: imported only when a config is checked
+
+    return tuple(OBJECTIVES)
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """`FAMILIES` / `OBJECTIVES`: the names of the registries `d2f.family.SPECS` and
+    `d2f.objectives.OBJECTIVES`, derived from them when asked for (this module stays light)."""
+    if name == "FAMILIES":
+        return _families()
+    if name == "OBJECTIVES":
+        return _objectives()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:
@@ -62,7 +82,7 @@ class ModelConfig:
                 "is not an existing directory (nor a hub id 'org/name')",
                 self.path,
             )
-        _choice(self.family, (None, *FAMILIES), "model.family")
+        _choice(self.family, (None, *_families()), "model.family")
         _choice(self.init, ("pretrained", "scratch"), "model.init")
         _choice(self.dtype, DTYPES, "model.dtype")
         _choice(self.attn_implementation, ATTENTION, "model.attn_implementation")
@@ -162,6 +182,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.05  # AdamW decoupled weight decay, on every trained tensor
     clip_grad_norm: float = 1.0  # max global grad norm; <= 0 disables clipping (norm still logged)
+    on_nonfinite: str = "stop"  # NaN/inf loss or grad norm: stop (error naming the step) | skip
     mixed_precision: str = "no"  # no | bf16 (autocast forward; softmax and losses stay fp32)
     seed: int = 0  # seeds data order, noise, adapter init and dropout
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
@@ -177,7 +198,8 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        _choice(self.objective, OBJECTIVES, "train.objective")
+        _choice(self.objective, _objectives(), "train.objective")
+        _choice(self.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
         for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "log_every"):
             _check(getattr(self, key) > 0, f"train.{key}", "must be > 0", getattr(self, key))
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
@@ -243,9 +265,43 @@ def config_dir() -> Path:
 def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> RunConfig:
     """Compose `d2f/configs/<preset>.yaml` with dotted overrides and validate it (no Hydra run dir)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir())):
         cfg = compose(config_name=preset, overrides=list(overrides or []))
+    return to_run_config(cfg)
+
+
+def to_run_config(cfg) -> RunConfig:
+    """A composed Hydra config -> validated `RunConfig`. Keys the schema does not know (e.g. from
+    `+train.foo=1`, which Hydra adds even to a typed node) are refused, naming them."""
+    from omegaconf import OmegaConf
+
+    unknown = _unknown_keys(OmegaConf.to_container(cfg), RunConfig)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}: not in the schema (d2f/config.py)")
     return OmegaConf.to_object(cfg)
+
+
+def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[str]:
+    known = {f.name: f.type for f in fields(schema)}
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            out.append(name)
+            continue
+        child = _SECTIONS.get(known[key])
+        if child is not None and isinstance(value, dict):
+            out += _unknown_keys(value, child, f"{name}.")
+    return out
+
+
+# nested sections by their annotation (annotations are strings under `from __future__`)
+_SECTIONS = {
+    "ModelConfig": ModelConfig,
+    "DataConfig": DataConfig,
+    "TrainConfig": TrainConfig,
+    "NoiseConfig": NoiseConfig,
+    "LoraConfig": LoraConfig,
+}

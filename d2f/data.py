@@ -1,4 +1,4 @@
-"""Question/answer records -> fixed-length training sequences (paper Sec. 3; PAPER_FACTS "Training").
+"""Question/answer records -> fixed-length training sequences (paper Sec. 3).
 
 A sequence is
 
@@ -17,6 +17,7 @@ that is saved in checkpoints, and the same global batch on every process (each t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,14 @@ def load_records(cfg: DataConfig):
             builder = _BUILDERS.get(path.suffix)
             if builder is None:
                 raise ValueError(f"{key}: unsupported file type; use one of {sorted(_BUILDERS)}")
-            if path.stat().st_size == 0:  # datasets fails obscurely on an empty file
-                raise ValueError(f"{key}: the file is empty (no records)")
+            if builder == "json" and path.suffix == ".jsonl":
+                _check_jsonl(
+                    path,
+                    key,
+                    {"question_field": cfg.question_field, "answer_field": cfg.answer_field},
+                )
+            elif path.stat().st_size == 0:  # datasets fails obscurely on an empty file
+                raise ValueError(f"{key}: no records in {path} (the file is empty)")
             ds = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cfg.cache_dir
             )
@@ -64,13 +71,59 @@ def load_records(cfg: DataConfig):
                 raise ValueError(
                     f"{key}: no field {name!r} (data.{field_key}); its fields: {ds.column_names}"
                 )
-        parts.append(ds.select_columns([cfg.question_field, cfg.answer_field]))
+        ds = ds.select_columns([cfg.question_field, cfg.answer_field])
+        _check_no_nulls(ds, key, (cfg.question_field, cfg.answer_field))
+        parts.append(ds)
     records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if cfg.max_records is not None:
         records = records.select(range(min(cfg.max_records, len(records))))
     if len(records) == 0:
         raise ValueError(f"data.sources {list(cfg.sources)}: no records")
     return records
+
+
+def _check_jsonl(path: Path, key: str, names: dict[str, str]) -> None:
+    """Every non-blank line is a JSON object with a non-null value for each field (else an error
+    naming the file and line); at least one record. names: config key -> field name."""
+    records, first_keys, bad, seen = 0, None, {}, set()
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}) [{key}]") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object [{key}]")
+            first_keys = list(record) if first_keys is None else first_keys
+            for name in names.values():
+                if record.get(name) is not None:
+                    seen.add(name)
+                elif name not in bad:
+                    bad[name] = (number, "is null" if name in record else "is missing")
+            records += 1
+    if records == 0:
+        raise ValueError(f"{key}: no records in {path}")
+    for field_key, name in names.items():
+        if name not in seen:  # in no record: a wrong field name, not a bad record
+            raise ValueError(
+                f"{key}: no field {name!r} (data.{field_key}); its fields: {first_keys}"
+            )
+        if name in bad:
+            number, what = bad[name]
+            raise ValueError(f"{path}:{number}: field {name!r} {what} [{key}]")
+
+
+def _check_no_nulls(ds, key: str, names: tuple[str, ...]) -> None:
+    """No record of a loaded source lacks a field (datasets fills a missing field with None)."""
+    for name in names:
+        nulls = [k for k, value in enumerate(ds[name]) if value is None]
+        if nulls:
+            raise ValueError(
+                f"{key}: {len(nulls)} record(s) with no {name!r} (null or missing), the first "
+                f"is record {nulls[0]} (0-based); fix or drop them"
+            )
 
 
 @dataclass
@@ -92,6 +145,9 @@ def encode_records(records, cfg: DataConfig, tokenizer, family: Family) -> Encod
     if tokenizer is None:
         raise ValueError("model.path: the checkpoint has no tokenizer files; training needs one")
     use_template = family.use_chat_template if cfg.chat_template is None else cfg.chat_template
+    for name in (cfg.question_field, cfg.answer_field):  # str(None) would train on "None"
+        if any(value is None for value in records[name]):
+            raise ValueError(f"data: a record has no {name!r} (null); fix or drop it")
     questions = [str(q) for q in records[cfg.question_field]]
     answers = [str(a) for a in records[cfg.answer_field]]
     if use_template:

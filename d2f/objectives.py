@@ -1,4 +1,4 @@
-"""The three training objectives of d2f, behind one signature (paper Sec. 3; PAPER_FACTS "Training").
+"""The three training objectives of d2f, behind one signature (paper Sec. 3).
 
 * `distill` (D2F asymmetric distillation, the default): the student is the base model + LoRA under the
   block-causal mask; the teacher is the SAME weights with the adapter disabled, under full
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
+from d2f.config import NoiseConfig
 from d2f.data import TokenBatch
 from d2f.family import Family
 from d2f.loss import distill_terms, mdm_loss
@@ -57,23 +58,12 @@ class Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """Plain values of the noise schedule (from `train.noise`), for `make_batch`."""
-
-    schedule: str | None  # ramp | random | single; None = no noise (AR)
-    block_size: int
-    lo: float = 0.2
-    hi: float = 0.7
-    eps: float = 1e-3
-    mask_padding: bool = True
-
-
 def make_batch(
-    tokens: TokenBatch, family: Family, noise: NoiseSpec, generator: torch.Generator
+    tokens: TokenBatch, family: Family, noise: NoiseConfig, generator: torch.Generator
 ) -> Batch:
     """Noise a (G, L) global batch (CPU) and lay out its blocks and positions.
 
+    `noise` is `train.noise` with its schedule resolved (`Objective.noise_config`): None = no noise.
     Padding = positions >= lengths. With `noise.mask_padding` (the released recipe) padding is an
     ordinary maskable, attended answer token; without it padding is neither masked nor attended.
     AR (schedule None): nothing is noised; the targets are the answer and its end token.
@@ -176,6 +166,13 @@ class Objective:
     lora: bool  # trains a LoRA adapter on a frozen base (else every weight)
     needs_mask_token: bool  # a dLLM family (mask token, bidirectional); else a causal AR family
     legend: str  # what the logged numbers are
+
+    def noise_config(self, noise: NoiseConfig) -> NoiseConfig:
+        """`train.noise` with its schedule resolved: the configured one, else this objective's
+        default; None (no noise) for an objective that reads clean tokens."""
+        if self.schedule is None:
+            return replace(noise, schedule=None)
+        return replace(noise, schedule=noise.schedule or self.schedule)
 
 
 OBJECTIVES: dict[str, Objective] = {

@@ -2,6 +2,8 @@
 
 The answer of each row (everything after its prompt, end and padding tokens included) is cut into
 blocks of ``block_size`` tokens that start at the row's prompt end; the last block may be partial.
+Blocks are numbered as in ``d2f.mask.block_ids`` (computed by it): 0 is the prompt, answer block
+``k`` (0-based below, ``k < n_b``) has block id ``k + 1``.
 Row ``b`` has its own block count
 
     n_b = ceil((L - prompt_len_b) / block_size),
@@ -9,8 +11,8 @@ Row ``b`` has its own block count
 never the batch maximum. Every block ``k < n_b`` gets a mask ratio ``r_{b,k}`` and each of its
 tokens is replaced by the mask id independently with probability ``r_{b,k}``:
 
-    P(masked[b, j]) = r_{b, block(b, j)}   if j >= prompt_len_b   (and j maskable)
-    P(masked[b, j]) = 0                    if j <  prompt_len_b.
+    P(masked[b, j]) = r_{b, block_ids[b, j] - 1}   if j >= prompt_len_b   (and j maskable)
+    P(masked[b, j]) = 0                            if j <  prompt_len_b.
 
 Schedules (``kind``), with every ``u ~ U[0, 1)`` independent:
 
@@ -75,20 +77,6 @@ def num_blocks(prompt_lens: Tensor, seq_len: int, block_size: int) -> Tensor:
     return torch.div(
         seq_len - prompt_lens.long() + block_size - 1, block_size, rounding_mode="floor"
     )
-
-
-def block_index(prompt_lens: Tensor, seq_len: int, block_size: int) -> Tensor:
-    """Answer block of every position.
-
-    block[b, j] = -1                                        if j < prompt_len_b (prompt)
-    block[b, j] = floor((j - prompt_len_b) / block_size)    otherwise
-
-    prompt_lens: (B,) integer. Returns (B, seq_len) long.
-    """
-    _check_prompt_lens(prompt_lens, seq_len, block_size)
-    # The block rule lives in d2f.mask (prompt = block 0, answer block k = k + 1): one source.
-    every = torch.ones(prompt_lens.shape[0], seq_len, dtype=torch.bool, device=prompt_lens.device)
-    return block_ids(every, prompt_lens.long(), block_size) - 1
 
 
 def block_ratios(
@@ -175,12 +163,12 @@ def add_noise(
     ratios = block_ratios(
         prompt_lens, seq_len, block_size, kind=kind, lo=lo, hi=hi, eps=eps, generator=generator
     )  # (B, NB)
-    block = block_index(prompt_lens, seq_len, block_size)  # (B, L)
-    answer = block >= 0
-    if ratios.shape[1] == 0:  # every prompt fills the whole sequence: nothing to gather from
-        tok_ratio = torch.zeros(block.shape, device=block.device)
-    else:
-        tok_ratio = ratios.gather(1, block.clamp(min=0))  # (B, L)
+    every = torch.ones(bsz, seq_len, dtype=torch.bool, device=input_ids.device)
+    block = block_ids(every, prompt_lens.long(), block_size)  # (B, L) 0 prompt, k >= 1 answer
+    answer = block >= 1
+    # column 0 of the table is the prompt's (ratio 0), so block ids index it as they are
+    table = torch.cat([torch.zeros_like(ratios[:, :1]), ratios], dim=1)  # (B, 1 + NB)
+    tok_ratio = table.gather(1, block)  # (B, L)
     p_mask = torch.where(answer, tok_ratio, 1.0)
 
     maskable = answer if mask_padding else answer & ~pad

@@ -1,14 +1,18 @@
-"""`python -m d2f.train`: the D2F trainer (paper Sec. 3, asymmetric distillation; PAPER_FACTS).
+"""`python -m d2f.train`: the D2F trainer (paper Sec. 3, asymmetric distillation).
 
-One loop for every objective (`train.objective`: distill | mdm | ar, see `d2f.objectives`):
+One loop for every objective (`train.objective`: distill | mdm | ar, see `d2f.objectives`), read top
+to bottom in `main`:
 
-    setup       config -> tokenizer + family -> data (fails before any weight is read) -> model
-                (+ LoRA) -> AdamW + lr schedule -> accelerate -> resume from the newest checkpoint
-    loop        global batch (same on every process) -> noise (d2f.schedule) -> this process's
-                micro-batches -> objective -> backward -> clip -> optimiser step -> log -> checkpoint
-    cleanup     final checkpoint, close the logs
+    setup(cfg)            config -> launch checks -> tokenizer + family -> data -> resume checks
+                          (all before any weight is read) -> model (+ LoRA) -> AdamW + lr schedule
+                          -> accelerate -> restore the checkpoint
+    next_tokens(run)      the global batch (same on every process)
+    train_step(run, ...)  noise (d2f.schedule) -> this process's micro-batches -> objective ->
+                          backward -> finite check -> clip -> optimiser step
+    log.step(...)         metrics.jsonl (+ wandb), progress bar
+    maybe_checkpoint(run) weights checked finite and in sync -> atomic checkpoint
 
-Runs as one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP: `d2f/configs/accelerate/`).
+Runs as one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-2: `d2f/configs/accelerate/`).
 A global batch holds micro_batch_size * grad_accum * processes sequences; its noise is drawn for the
 whole batch from one generator, so the run does not depend on how it is split over processes.
 
@@ -20,18 +24,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from d2f.checkpoint import (
     TrainerState,
+    check_checkpoint,
     check_resumable,
     find_resume,
     load_state,
@@ -39,11 +48,21 @@ from d2f.checkpoint import (
     skip_weights_in_state,
     weights_dir,
 )
-from d2f.config import RunConfig, config_dir, register_configs
-from d2f.data import EpochSampler, collate, encode_records, load_records
-from d2f.family import detect_spec
+from d2f.config import (
+    NoiseConfig,
+    RunConfig,
+    TrainConfig,
+    config_dir,
+    register_configs,
+    to_run_config,
+)
+from d2f.data import Encoded, EpochSampler, TokenBatch, collate, encode_records, load_records
+from d2f.family import Family, detect_spec
 from d2f.models import build_model, load_adapter, load_model, load_tokenizer, read_config
-from d2f.objectives import OBJECTIVES, NoiseSpec, Objective, autocast, make_batch
+from d2f.objectives import OBJECTIVES, Batch, Objective, autocast, make_batch
+
+# skip mode gives up after this many non-finite global batches in a row: the model itself is broken
+MAX_SKIPS_IN_A_ROW = 10
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -124,92 +143,189 @@ def build_trainable(cfg: RunConfig, objective: Objective, raw, tokenizer, resume
     return model
 
 
-class MetricsLog:
-    """metrics.jsonl (main process; on resume, records after the checkpoint are dropped) + wandb."""
+def check_launch(accelerator, tc: TrainConfig) -> None:
+    """Refuse a launch whose processes or engine settings are not what the run says.
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, start_step: int, active: bool):
-        self.active, self.path, self.wandb = active, out_dir / "metrics.jsonl", None
-        if not active:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if start_step > 0 and self.path.exists():
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if json.loads(ln)["step"] <= start_step
-            ]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
-        if cfg.train.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("train.wandb=true needs `pip install wandb`") from None
-            self.wandb = wandb.init(
-                project=cfg.train.wandb_project,
-                mode=cfg.train.wandb_mode,
-                dir=str(out_dir),
-                config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-            )
-
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _ranks_in_sync(accelerator, params) -> bool:
-    """Every process holds the same trained weights (checked at each checkpoint)."""
-    if accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-    sums = accelerator.gather(total.to(accelerator.device))
-    return bool((sums - sums[0]).abs().max() <= 1e-9 * sums[0].abs().clamp(min=1.0))
-
-
-def main(cfg: RunConfig) -> Path:
-    """Train as configured; returns the output directory (metrics.jsonl, checkpoint-*)."""
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    if cfg.dry_run:
-        print(config_yaml, end="")
-        return Path(cfg.train.output_dir)
-    # ---------------------------------------------------------------- setup
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum)
+    * WORLD_SIZE processes were started but accelerate sees another count (FSDP or DeepSpeed on a
+      CPU without gloo: every process trains alone, into the same directory).
+    * Several processes under no distributed backend (nothing would synchronise them).
+    * DeepSpeed: its micro-batch, accumulation and gradient clipping come from the trainer; a
+      launch file that sets them otherwise is refused (accelerate's `clip_grad_norm_` ignores
+      `max_norm` under DeepSpeed, so the launch file's `gradient_clipping` would win silently).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"{world} processes were launched (WORLD_SIZE) but accelerate sees "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}): they would train "
+            "unsynchronised copies into one directory; on a CPU use `train.sh --launcher cpu` "
+            "(DDP) or zero2"
+        )
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{world} processes but accelerate set up no distributed backend (distributed_type NO;"
+            " accelerate 1.15 runs FSDP only on GPU-like devices): nothing would keep them in sync"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tc)
     if accelerator.gradient_accumulation_steps != tc.grad_accum:
         raise ValueError(
             f"train.grad_accum={tc.grad_accum} but the accelerate config accumulates "
             f"{accelerator.gradient_accumulation_steps}: remove gradient_accumulation_steps there"
         )
+
+
+def configure_deepspeed(ds_config: dict, tc: TrainConfig) -> None:
+    """Fill DeepSpeed's micro-batch and clipping from the trainer (where "auto" or unset); refuse
+    a launch file value that disagrees. `ds_config` is the plugin's `deepspeed_config` dict."""
+    wanted = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", tc.micro_batch_size),
+        "gradient_clipping": ("train.clip_grad_norm", max(tc.clip_grad_norm, 0.0)),
+    }
+    for ds_key, (key, value) in wanted.items():
+        have = ds_config.get(ds_key, "auto")
+        if have == "auto":
+            ds_config[ds_key] = value
+        elif float(have) != float(value):
+            raise ValueError(
+                f"{key}={value} but the DeepSpeed launch file sets {ds_key}={have}: remove it "
+                "there (the trainer sets it) or use the same value"
+            )
+    if tc.on_nonfinite == "skip":
+        raise ValueError(
+            "train.on_nonfinite=skip is not supported under DeepSpeed: its engine steps the "
+            "optimizer inside backward, before the loss can be checked; use stop"
+        )
+
+
+def _accelerator(tc: TrainConfig) -> Accelerator:
+    # NOTE: on a CPU, accelerate 1.15 leaves the process-group backend unset for DeepSpeed, so
+    # every process believes it is alone: name gloo explicitly when there is no GPU.
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(gradient_accumulation_steps=tc.grad_accum, kwargs_handlers=handlers)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between steps (built by `setup`)."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    objective: Objective
+    family: Family
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainerState
+    noise: NoiseConfig  # train.noise with the objective's schedule resolved
+    mask_dtype: torch.dtype
+    data: Encoded | None = None
+    tokenizer: Any = None
+    out_dir: Path = Path(".")
+    config_yaml: str = ""
+
+    @property
+    def global_batch(self) -> int:
+        tc = self.cfg.train
+        return tc.micro_batch_size * tc.grad_accum * self.accelerator.num_processes
+
+
+@dataclass
+class StepResult:
+    """One optimiser step: per-process loss terms (means over its micro-batches), the global
+    grad norm, the lr used, and whether the step was taken (False: skipped, non-finite)."""
+
+    terms: dict[str, torch.Tensor]
+    grad_norm: float | None
+    lr: float
+    taken: bool
+    batch: Batch = field(repr=False)
+    real_tokens: int = 0  # prompt + answer + end tokens of the global batch (no padding)
+
+
+def setup(cfg: RunConfig) -> Run | None:
+    """Build the run, checking everything that can fail before data or weights are read (launch,
+    the checkpoint to resume and its config), then the data before the weights. None when that
+    checkpoint has already reached train.max_steps (nothing to do)."""
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    accelerator = _accelerator(tc)
+    check_launch(accelerator, tc)
     set_seed(tc.seed, device_specific=True)  # dropout differs per process; LoRA init is broadcast
     say = accelerator.print
     objective = OBJECTIVES[tc.objective]
+    out_dir = Path(tc.output_dir)
+    resume, saved = resume_point(accelerator, cfg, objective, config_yaml)
+    if saved is not None and saved["step"] >= tc.max_steps:
+        say(f"nothing to do: {resume} is at step {saved['step']}, train.max_steps={tc.max_steps}")
+        return None
     raw, tokenizer, family = read_checkpoint(cfg, objective)
-    records = load_records(cfg.data)
-    data = encode_records(records, cfg.data, tokenizer, family)
+    data = encode_records(load_records(cfg.data), cfg.data, tokenizer, family)
     say(
         f"data: {len(data)} sequences of {cfg.data.max_length} tokens; {data.skipped} records "
         "skipped (longer than data.max_length)"
     )
-    out_dir = Path(tc.output_dir)
-    resume = find_resume(out_dir, tc.resume)
-    if resume is not None:
-        check_resumable(resume, config_yaml)
     model = build_trainable(cfg, objective, raw, tokenizer, resume)
     params = [p for p in model.parameters() if p.requires_grad]
     say(
         f"model: {family.name}, training {sum(p.numel() for p in params):,} parameters "
-        f"({tc.objective}); torch threads {torch.get_num_threads()}, {accelerator.num_processes} process(es)"
+        f"({tc.objective}); torch threads {torch.get_num_threads()}, "
+        f"{accelerator.num_processes} process(es)"
     )
+    optimizer, scheduler = optimizer_and_schedule(params, tc)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainerState(EpochSampler(len(data), tc.seed), tc.seed)
+    skip_weights_in_state(accelerator)
+    if resume is not None:
+        load_state(accelerator, resume, objective.lora)
+        state.load_state_dict(saved)
+        scheduler.load_state_dict(saved["lr_scheduler"])
+        say(f"resumed from {resume} at step {state.step}")
+    bf16 = tc.mixed_precision == "bf16"
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        objective=objective,
+        family=family,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        noise=objective.noise_config(tc.noise),
+        mask_dtype=torch.bfloat16 if bf16 else getattr(torch, cfg.model.dtype),
+        data=data,
+        tokenizer=tokenizer,
+        out_dir=out_dir,
+        config_yaml=config_yaml,
+    )
+
+
+def resume_point(
+    accelerator, cfg: RunConfig, objective: Objective, config_yaml: str
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume (None: a fresh run) and its trainer state, checked complete and
+    with a config that trains the same run (reads no weights)."""
+    resume = find_resume(Path(cfg.train.output_dir), cfg.train.resume)
+    if resume is None:
+        return None, None
+    saved = check_checkpoint(
+        resume,
+        objective.lora,
+        accelerator.num_processes,
+        accelerator.distributed_type == DistributedType.DEEPSPEED,
+    )
+    check_resumable(resume, config_yaml)
+    return resume, saved
+
+
+def optimizer_and_schedule(params: list[torch.nn.Parameter], tc: TrainConfig):
+    """AdamW over the trained parameters and its LambdaLR (`lr_factor`), stepped once per step."""
     optimizer = torch.optim.AdamW(
         params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay
     )
@@ -220,114 +336,267 @@ def main(cfg: RunConfig) -> Path:
         kind=tc.lr_schedule,
         min_ratio=tc.min_lr_ratio,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState(EpochSampler(len(data), tc.seed), tc.seed)
-    accelerator.register_for_checkpointing(state, scheduler)  # stepped once per optimiser step
-    skip_weights_in_state(accelerator)
-    if resume is not None:
-        load_state(accelerator, resume, objective.lora)
-        say(f"resumed from {resume} at step {state.step}")
-    noise = NoiseSpec(
-        schedule=None if objective.schedule is None else (tc.noise.schedule or objective.schedule),
-        block_size=tc.noise.block_size,
-        lo=tc.noise.lo,
-        hi=tc.noise.hi,
-        eps=tc.noise.eps,
-        mask_padding=tc.noise.mask_padding,
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def next_tokens(run: Run) -> TokenBatch:
+    """The next global batch (G, L), the same on every process."""
+    return collate(run.data, run.state.sampler.take(run.global_batch))
+
+
+def train_step(run: Run, tokens: TokenBatch) -> StepResult:
+    """One optimiser step on a global batch: noise, this process's micro-batches, backward, the
+    non-finite check, clipping, the optimiser and lr steps.
+
+    A NaN/inf loss or grad norm on any process raises (train.on_nonfinite=stop, the default)
+    before the optimiser step, or skips the batch (skip: no update, the step is not counted).
+    """
+    tc, acc = run.cfg.train, run.accelerator
+    batch = make_batch(tokens, run.family, run.noise, run.state.noise_generator)  # (G, L), CPU
+    micro, world, rank = tc.micro_batch_size, acc.num_processes, acc.process_index
+    terms: dict[str, torch.Tensor] = {}
+    for a in range(tc.grad_accum):
+        start = (a * world + rank) * micro
+        mb = batch.rows(start, start + micro).to(acc.device)
+        with acc.accumulate(run.model):  # DDP syncs gradients on the last micro-batch only
+            with autocast(acc.device, tc.mixed_precision == "bf16"):
+                loss, extra = run.objective.step(run.model, mb, run.family, run.mask_dtype)
+            acc.backward(loss)  # divided by grad_accum inside
+        for k, v in {"loss": loss.detach(), **extra}.items():
+            terms[k] = terms.get(k, 0.0) + v.float() / tc.grad_accum
+    max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else math.inf
+    grad_norm = acc.clip_grad_norm_(run.params, max_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    finite = _finite_everywhere(acc, terms["loss"], grad_norm)
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+        run.state.step += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        run.state.skipped += 1
+        _nonfinite(run, terms["loss"], grad_norm)
+    return StepResult(
+        terms,
+        None if grad_norm is None else float(grad_norm),
+        lr,
+        finite,
+        batch,
+        int(tokens.lengths.sum()),
     )
-    bf16 = tc.mixed_precision == "bf16"
-    mask_dtype = torch.bfloat16 if bf16 else getattr(torch, cfg.model.dtype)
-    world, rank, micro = accelerator.num_processes, accelerator.process_index, tc.micro_batch_size
-    global_batch = micro * tc.grad_accum * world
-    log = MetricsLog(cfg, out_dir, state.step, accelerator.is_main_process)
-    say(f"objective {tc.objective}: {objective.legend}")
-    say(
-        f"global batch {global_batch} = {micro} x {tc.grad_accum} accum x {world} procs; "
-        f"noise {noise.schedule}, blocks of {noise.block_size}"
+
+
+def _finite_everywhere(acc, loss: torch.Tensor, grad_norm) -> bool:
+    """Loss and grad norm finite on every process (one small all-reduce)."""
+    ok = bool(torch.isfinite(loss)) and (grad_norm is None or math.isfinite(float(grad_norm)))
+    bad = torch.tensor([0.0 if ok else 1.0], device=acc.device)
+    return acc.reduce(bad, "sum").item() == 0
+
+
+def _nonfinite(run: Run, loss: torch.Tensor, grad_norm) -> None:
+    """Stop (the default) or let the caller skip the batch, with a bounded number in a row."""
+    tc = run.cfg.train
+    norm = "none" if grad_norm is None else f"{float(grad_norm):.4g}"
+    where = (
+        f"step {run.state.step + 1}: non-finite loss ({float(loss):.4g} on this process) or "
+        f"grad norm ({norm})"
     )
-    progress = tqdm(
-        total=tc.max_steps,
-        initial=state.step,
-        disable=not accelerator.is_main_process,
-        desc=f"d2f {tc.objective}",
-        dynamic_ncols=True,
-    )
-    note = progress.write if accelerator.is_main_process else (lambda msg: None)
-    t_last, step_last = time.perf_counter(), state.step
-    first_steps = state.step + 3  # ms/step of the first steps is printed: slow threads show early
-    # ---------------------------------------------------------------- loop
-    while state.step < tc.max_steps:
-        tokens = collate(data, state.sampler.take(global_batch))  # (G, L), same on every process
-        batch = make_batch(tokens, family, noise, state.noise)  # noise for all G rows, CPU
-        sums: dict[str, torch.Tensor] = {}
-        for a in range(tc.grad_accum):
-            start = (a * world + rank) * micro
-            mb = batch.rows(start, start + micro).to(accelerator.device)
-            with accelerator.accumulate(model):  # DDP syncs gradients on the last micro-batch only
-                with autocast(accelerator.device, bf16):
-                    loss, extra = objective.step(model, mb, family, mask_dtype)
-                accelerator.backward(loss)  # divided by grad_accum inside
-            for k, v in {"loss": loss.detach(), **extra}.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(
-            params, tc.clip_grad_norm if tc.clip_grad_norm > 0 else math.inf
+    if tc.on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"{where}; stopped before the optimiser step, no checkpoint written for it (lower "
+            "train.lr, check the data, or train.on_nonfinite=skip to skip such batches)"
         )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        progress.update(1)
+    run.state.skips_in_a_row += 1
+    if run.state.skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+        raise FloatingPointError(f"{where}; {MAX_SKIPS_IN_A_ROW} batches in a row: stopped")
+    run.accelerator.print(f"{where}; batch skipped (train.on_nonfinite=skip)")
 
-        if (
-            state.step % tc.log_every == 0
-            or state.step == tc.max_steps
-            or state.step <= first_steps
-        ):
-            record = {k: accelerator.reduce(v.reshape(1), "mean").item() for k, v in sums.items()}
-            now = time.perf_counter()
-            ms = 1000.0 * (now - t_last) / (state.step - step_last)
-            t_last, step_last = now, state.step
-            record = {
-                "step": state.step,
-                **record,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "masked_frac": batch.masked.float().mean().item(),
-                "ms_per_step": ms,
-                "tokens_per_s": global_batch * cfg.data.max_length / (ms / 1000.0),
-            }
-            progress.set_postfix(loss=f"{record['loss']:.4f}", ms=f"{ms:.0f}")
-            if state.step <= first_steps:
-                note(f"step {state.step}: {ms:.0f} ms/step, loss {record['loss']:.4f}")
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                log.write(record)
 
-        if state.step % tc.save_every == 0 or state.step == tc.max_steps:
-            if not _ranks_in_sync(accelerator, params):
-                raise RuntimeError(f"step {state.step}: processes hold different weights")
-            path = save_checkpoint(
-                accelerator,
-                model,
-                tokenizer,
-                out_dir,
-                state.step,
-                objective.lora,
-                config_yaml,
-                tc.keep_last,
+class MetricsLog:
+    """metrics.jsonl (main process) + wandb + the progress bar. On resume, records after the
+    checkpoint are dropped; a torn last line (a kill during a write) is dropped with a warning."""
+
+    def __init__(self, run: Run):
+        self.run, acc, tc = run, run.accelerator, run.cfg.train
+        self.active = acc.is_main_process
+        self.path, self.wandb = run.out_dir / "metrics.jsonl", None
+        self.first_steps = run.state.step + 3  # ms/step of the first steps: slow threads show early
+        self.t_last, self.step_last, self.tokens = time.perf_counter(), run.state.step, 0
+        self.progress = tqdm(
+            total=tc.max_steps,
+            initial=run.state.step,
+            disable=not self.active,
+            desc=f"d2f {tc.objective}",
+            dynamic_ncols=True,
+        )
+        self.note = self.progress.write if self.active else (lambda msg: None)
+        if not self.active:
+            return
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept, dropped = _records_up_to(self.path, run.state.step)
+            _rewrite(self.path, kept)
+            if dropped:
+                acc.print(f"{self.path}: {dropped} record(s) after step {run.state.step} dropped")
+        if tc.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("train.wandb=true needs `pip install wandb`") from None
+            self.wandb = wandb.init(
+                project=tc.wandb_project,
+                mode=tc.wandb_mode,
+                dir=str(run.out_dir),
+                config=OmegaConf.to_container(OmegaConf.structured(run.cfg)),
             )
-            synced = f" ({world} processes in sync)" if world > 1 else ""
-            note(f"saved {path}{synced}")
-    # ---------------------------------------------------------------- cleanup
-    progress.close()
-    log.close()
-    accelerator.end_training()
-    return out_dir
+
+    def step(self, result: StepResult) -> None:
+        """Progress, and a record every train.log_every steps (and at the end)."""
+        run, tc = self.run, self.run.cfg.train
+        self.tokens += result.real_tokens
+        if not result.taken:
+            return
+        step = run.state.step
+        self.progress.update(1)
+        due = step % tc.log_every == 0 or step == tc.max_steps
+        if not (due or step <= self.first_steps):
+            return
+        acc = run.accelerator
+        record = {k: acc.reduce(v.reshape(1), "mean").item() for k, v in result.terms.items()}
+        now = time.perf_counter()
+        seconds = now - self.t_last
+        ms = 1000.0 * seconds / (step - self.step_last)
+        answer = result.batch.blocks >= 1  # answer, end token and attended padding (G, L)
+        record = {
+            "step": step,
+            **record,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "masked_frac": (result.batch.masked & answer).sum().item()
+            / max(1, answer.sum().item()),
+            "ms_per_step": ms,
+            "tokens_per_s": self.tokens / seconds,
+            "skipped": run.state.skipped,
+        }
+        self.t_last, self.step_last, self.tokens = now, step, 0
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", ms=f"{ms:.0f}")
+        if step <= self.first_steps:
+            self.note(f"step {step}: {ms:.0f} ms/step, loss {record['loss']:.4f}")
+        if due and self.active:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _records_up_to(path: Path, step: int) -> tuple[list[str], int]:
+    """The lines of metrics.jsonl with records of steps <= `step`, and how many later records were
+    dropped; a torn LAST line is dropped with a warning, a damaged earlier one is an error."""
+    lines = path.read_text().splitlines()
+    kept, dropped = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                warnings.warn(
+                    f"{path}:{number}: torn last record dropped: {line[:80]!r}", stacklevel=2
+                )
+                break
+            raise ValueError(
+                f"{path}:{number}: not a JSON record; fix or remove the line"
+            ) from None
+        if record["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Replace `path` atomically (a kill mid-write leaves the old file, never a truncated one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def _check_weights(run: Run) -> None:
+    """Every process holds the same, finite trained weights (checked before each checkpoint)."""
+    acc, step = run.accelerator, run.state.step
+    total = torch.stack([p.detach().double().sum() for p in run.params]).sum().reshape(1)
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"step {step}: the trained weights are not finite; not saved")
+    if acc.num_processes == 1 or acc.distributed_type == DistributedType.FSDP:
+        return
+    sums = acc.gather(total.to(acc.device))
+    if not bool((sums - sums[0]).abs().max() <= 1e-9 * sums[0].abs().clamp(min=1.0)):
+        raise RuntimeError(f"step {step}: processes hold different weights")
+
+
+def maybe_checkpoint(run: Run, note) -> None:
+    """Every train.save_every steps and at the end: check the weights, save atomically."""
+    tc, step = run.cfg.train, run.state.step
+    if step % tc.save_every != 0 and step != tc.max_steps:
+        return
+    _check_weights(run)
+    trainer_state = {
+        **run.state.state_dict(),
+        "lr_scheduler": run.scheduler.state_dict(),
+        "processes": run.accelerator.num_processes,
+    }
+    path = save_checkpoint(
+        run.accelerator,
+        run.model,
+        run.tokenizer,
+        run.out_dir,
+        step,
+        run.objective.lora,
+        run.config_yaml,
+        trainer_state,
+        tc.keep_last,
+    )
+    world = run.accelerator.num_processes
+    note(f"saved {path}" + (f" ({world} processes in sync)" if world > 1 else ""))
+
+
+def main(cfg: RunConfig) -> Path:
+    """Train as configured; returns the output directory (metrics.jsonl, checkpoint-*)."""
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return Path(cfg.train.output_dir)
+    run = setup(cfg)
+    if run is None:
+        return Path(cfg.train.output_dir)
+    tc, say = cfg.train, run.accelerator.print
+    say(f"objective {tc.objective}: {run.objective.legend}")
+    say(
+        f"global batch {run.global_batch} = {tc.micro_batch_size} x {tc.grad_accum} accum x "
+        f"{run.accelerator.num_processes} procs; noise {run.noise.schedule}, blocks of "
+        f"{run.noise.block_size}"
+    )
+    log = MetricsLog(run)
+    try:
+        while run.state.step < tc.max_steps:
+            result = train_step(run, next_tokens(run))
+            log.step(result)
+            if result.taken:
+                run.state.skips_in_a_row = 0
+                maybe_checkpoint(run, log.note)
+    finally:  # also on an error: the progress bar and wandb are closed
+        log.close()
+    run.accelerator.end_training()
+    return run.out_dir
 
 
 def _hydra_main(cfg) -> None:
-    main(OmegaConf.to_object(cfg))
+    main(to_run_config(cfg))
 
 
 def cli() -> None:

@@ -1,10 +1,12 @@
-"""Benchmark one D2F distillation step: tokens/s, and the share spent on noise and masks.
+"""Benchmark one D2F distillation step: real tokens/s, and the share spent on noise and masks.
 
-A step is what `d2f.train` does per optimiser step: `make_batch` (block noise from d2f.schedule,
-block ids, positions) -> teacher pass (adapter off, bidirectional) -> student pass (block-causal)
--> distillation loss -> backward -> clip -> AdamW. Noise and masks are also timed alone on the same
+The step timed is the trainer's own `d2f.train.train_step` (`make_batch`: block noise from
+d2f.schedule, block ids, positions -> teacher pass (adapter off, bidirectional) -> student pass
+(block-causal) -> distillation loss -> backward -> non-finite check -> clip -> AdamW), on a `Run`
+built in memory instead of by `d2f.train.setup`. Noise and masks are also timed alone on the same
 batch, so their share of the step is measured, not guessed. The model is a random LLaDA-format model
 built in memory (`d2f.models.build_model`) with a LoRA adapter on the attention projections.
+tokens/s counts real tokens (prompt + answer + end, no padding), as `metrics.jsonl` does.
 
     python scripts/bench_train_step.py                                   # tiny preset shapes, CPU
     python scripts/bench_train_step.py --length 1024 --batch 1 --block 16  # released shapes, tiny model
@@ -60,14 +62,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
 
+    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
-    from d2f.data import TokenBatch
+    from d2f.checkpoint import TrainerState
+    from d2f.config import NoiseConfig, RunConfig, TrainConfig
+    from d2f.data import EpochSampler, TokenBatch
     from d2f.family import family_of
     from d2f.mask import block_causal_mask, full_mask, to_additive
     from d2f.models import build_model
-    from d2f.objectives import NoiseSpec, autocast, distill_step, make_batch
+    from d2f.objectives import OBJECTIVES, make_batch
     from d2f.tiny import llada_config, llada_tokenizer
+    from d2f.train import Run, optimizer_and_schedule, train_step
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -77,35 +83,46 @@ def main() -> None:
                        d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                        mlp_hidden_size=args.mlp, max_sequence_length=max(512, args.length))  # fmt: skip
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    base = build_model(raw, tokenizer=tok, seed=0, dtype=dtype).to(device)
+    base = build_model(raw, tokenizer=tok, seed=0, dtype=dtype)
     base.set_attn_implementation(args.attn)
     fam = family_of(base)
     model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_r,
                                             target_modules=list(fam.lora_target_modules)))  # fmt: skip
     model.train()
+    B, L = args.batch, args.length
+    tc = TrainConfig(micro_batch_size=B, mixed_precision="bf16" if args.bf16 else "no")
+    accelerator = Accelerator(cpu=device.type == "cpu")
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer, scheduler = optimizer_and_schedule(params, tc)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = OBJECTIVES["distill"]
+    run = Run(
+        cfg=RunConfig(train=tc),
+        accelerator=accelerator,
+        objective=objective,
+        family=fam,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=TrainerState(EpochSampler(1, tc.seed), tc.seed),
+        noise=objective.noise_config(NoiseConfig(block_size=args.block)),
+        mask_dtype=dtype,
+    )
 
     gen = torch.Generator().manual_seed(0)
-    B, L = args.batch, args.length
     prompt = torch.full((B,), int(args.prompt * L), dtype=torch.long)
     tokens = TokenBatch(torch.randint(20, len(tok) - 1, (B, L), generator=gen), prompt,
                         torch.full((B,), L - L // 8, dtype=torch.long))  # fmt: skip
-    noise = NoiseSpec("ramp", args.block)
+    real = int(tokens.lengths.sum())
 
     def step():
-        batch = make_batch(tokens, fam, noise, gen).to(device)
-        with autocast(device, args.bf16):
-            loss, _ = distill_step(model, batch, fam, dtype)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(run, tokens)
 
     def noise_only():
-        make_batch(tokens, fam, noise, gen)
+        make_batch(tokens, fam, run.noise, gen)
 
-    blocks = make_batch(tokens, fam, noise, gen).blocks.to(device)
+    blocks = make_batch(tokens, fam, run.noise, gen).blocks.to(device)
 
     def masks_only():  # the student's and the teacher's additive masks
         to_additive(block_causal_mask(blocks), dtype)
@@ -122,8 +139,11 @@ def main() -> None:
     print(f"model: LLaDA-format, d_model {args.d_model}, {args.layers} layers, vocab {vocab}, "
           f"{n_params / 1e6:.2f}M parameters, LoRA r{args.lora_r}, {args.attn}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {device}, {torch.get_num_threads()} thread(s)")  # fmt: skip
-    print(f"batch {B} x {L} tokens, blocks of {args.block}, median of {args.steps} steps")
-    print(f"step:  {t_step:8.2f} ms   {B * L / t_step * 1000:10.0f} tokens/s")
+    print(f"batch {B} x {L} positions ({real} real tokens), blocks of {args.block}, "
+          f"median of {args.steps} steps")  # fmt: skip
+    print(
+        f"step:  {t_step:8.2f} ms   {real / t_step * 1000:10.0f} real tokens/s (d2f.train.train_step)"
+    )
     print(
         f"noise: {t_noise:8.3f} ms   {100 * t_noise / t_step:5.2f}% of the step (add_noise, block ids, positions)"
     )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train with d2f (python -m d2f.train) through accelerate.
 #
-#   bash scripts/train.sh [FLAGS] [PRESET] [key=value ...]
+#   bash scripts/train.sh [FLAGS] [PRESET] [key=value ...]     (flags may also come after overrides)
 #
 #   PRESET        llada | dream | tiny (d2f/configs/PRESET.yaml; default llada)
 #   key=value     Hydra overrides, e.g. model.path=... train.max_steps=100 (docs/training.md)
@@ -11,28 +11,35 @@
 #   --port P      rendezvous port of the processes (default 29500)
 #   --dry-run     print the resolved config and the launch command, train nothing
 #   --help        this text, then as --dry-run
+#   --            everything after it is passed to the trainer as is
 #
 # Paths in overrides are relative to the repository root. Environment: PYTHON (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+# the comment block at the top of this file, without its '#' (stops at the first code line)
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
-launcher=auto nproc="" port=29500 dry=0 preset=""
+need_value() { [[ $# -ge 2 && "$2" != -* ]] || { echo "train.sh: $1 needs a value" >&2; exit 2; }; }
+
+launcher=auto nproc="" port=29500 dry=0 preset="" overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; echo; dry=1; shift ;;
     --dry-run) dry=1; shift ;;
-    --launcher) launcher="$2"; shift 2 ;;
-    --nproc) nproc="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    --) shift; break ;;
+    --launcher) need_value "$@"; launcher="$2"; shift 2 ;;
+    --nproc) need_value "$@"; nproc="$2"; shift 2 ;;
+    --port) need_value "$@"; port="$2"; shift 2 ;;
+    --) shift; overrides+=("$@"); break ;;
     -*) echo "train.sh: unknown flag $1" >&2; usage >&2; exit 2 ;;
     *)
-      if [[ -z "$preset" && "$1" != *=* ]]; then preset="$1"; shift; else break; fi ;;
+      if [[ -z "$preset" && ${#overrides[@]} -eq 0 && "$1" != *=* ]]; then preset="$1"
+      else overrides+=("$1"); fi
+      shift ;;
   esac
 done
+set -- ${overrides[@]+"${overrides[@]}"}
 preset="${preset:-llada}"
 if [[ ! -f "d2f/configs/$preset.yaml" ]]; then
   echo "train.sh: no preset d2f/configs/$preset.yaml (have: $(cd d2f/configs && ls *.yaml | sed 's/.yaml//' | xargs))" >&2

@@ -66,8 +66,19 @@ def test_tiny_preset_and_groups(tiny_dir):
     )
 
 
-def test_families_match_the_registry():
-    assert set(FAMILIES) == set(SPECS)
+def test_registries_are_derived_from_their_modules():
+    import d2f.config
+    from d2f.objectives import OBJECTIVES
+
+    assert FAMILIES == tuple(SPECS)
+    assert d2f.config.OBJECTIVES == tuple(OBJECTIVES)
+
+
+def test_unknown_key_added_with_plus_fails():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['train.foo'\]"):
+        load_config("llada", ["+train.foo=1"])
+    with pytest.raises(ValueError, match=r"\['train.noise.bar'\]"):
+        load_config("llada", ["+train.noise.bar=2"])
 
 
 def test_misspelt_key_fails():
@@ -100,6 +111,7 @@ def test_misspelt_key_fails():
         ("train.resume=/no/such/checkpoint", "train.resume"),
         ("model.init=scratch", "model.init"),
         ("train.mixed_precision=fp16", "train.mixed_precision"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite"),
     ],
 )
 def test_bad_value_fails_fast_naming_the_key(override, key):
@@ -117,15 +129,17 @@ def test_wrong_type_fails_naming_the_key():
 
 def test_train_sh_help_prints_config_and_command(tmp_path):
     """`bash scripts/train.sh --help` prints usage, the resolved config and the launch command, and
-    trains nothing."""
+    trains nothing; its flags are read wherever they stand."""
     out_dir = tmp_path / "never_written"
-    cmd = ["bash", "scripts/train.sh", "--help", "--launcher", "ddp", "--nproc", "8", "llada",
-           f"train.output_dir={out_dir}", "train.max_steps=10"]  # fmt: skip
+    # flags after the overrides are read too
+    cmd = ["bash", "scripts/train.sh", "--help", "llada", f"train.output_dir={out_dir}",
+           "train.max_steps=10", "--launcher", "ddp", "--nproc", "8"]  # fmt: skip
     env = {**os.environ, "PYTHON": sys.executable}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "bash scripts/train.sh [FLAGS] [PRESET]" in out  # usage
+    assert "set -euo pipefail" not in out  # only the comment block
     assert "path: GSAI-ML/LLaDA-8B-Instruct" in out and "max_steps: 10" in out
     assert "- Lansechen/bs17k_collection_filtered_easy_maxlength600" in out
     launch = out.split("# launch command")[1]

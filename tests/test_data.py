@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import d2f.train
-from d2f.config import DataConfig
+from d2f.config import DataConfig, NoiseConfig
 from d2f.data import EpochSampler, collate, encode_records, load_records
 from d2f.family import detect_spec
 from d2f.models import load_tokenizer, read_config
-from d2f.objectives import NoiseSpec, make_batch
+from d2f.objectives import make_batch
 from tests.train_helpers import TINY_QA, tiny_config
 
 RECORDS = [
@@ -64,7 +64,7 @@ def test_missing_field_and_empty_data_fail_clearly(tmp_path):
         load_records(_cfg(tmp_path, [a], answer_field="answer"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match=r"data.sources\[1\].*empty"):
+    with pytest.raises(ValueError, match=r"data.sources\[1\].*no records in .*empty.jsonl"):
         load_records(_cfg(tmp_path, [a, str(empty)]))
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "x.txt").write_text("hello")
@@ -114,12 +114,12 @@ def test_make_batch_padding_and_ar_targets(tiny_dir, tmp_path):
     pad = pos >= tokens.lengths[:, None]
     prompt = pos < tokens.prompt_lens[:, None]
     gen = torch.Generator().manual_seed(0)
-    with_pad = make_batch(tokens, fam, NoiseSpec("ramp", 4), gen)
+    with_pad = make_batch(tokens, fam, NoiseConfig("ramp", 4), gen)
     assert with_pad.valid.all() and with_pad.masked[pad].any() and not with_pad.masked[prompt].any()
-    no_pad = make_batch(tokens, fam, NoiseSpec("ramp", 4, mask_padding=False), gen)
+    no_pad = make_batch(tokens, fam, NoiseConfig("ramp", 4, mask_padding=False), gen)
     assert torch.equal(no_pad.valid, ~pad) and not no_pad.masked[pad].any()
     assert torch.all(no_pad.blocks[pad] == -1)
-    ar = make_batch(tokens, fam, NoiseSpec(None, 4), gen)
+    ar = make_batch(tokens, fam, NoiseConfig(None, 4), gen)
     assert torch.equal(ar.noisy_ids, tokens.input_ids) and torch.equal(ar.masked, ~prompt & ~pad)
 
 
@@ -145,3 +145,45 @@ def test_data_errors_come_before_the_model_loads(tiny_dir, tmp_path, monkeypatch
     monkeypatch.setattr(d2f.train, "build_model", no_weights)
     with pytest.raises(ValueError, match="data.question_field"):
         d2f.train.main(tiny_config(tiny_dir("llada"), tmp_path / "run", "data.question_field=q"))
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        ([RECORDS[0], {"question": "what is 1 plus 1 ?", "qwen7b_answer": None}],
+         r"bad.jsonl:2: field 'qwen7b_answer' is null"),
+        ([RECORDS[0], RECORDS[1], {"question": "what is 1 plus 1 ?"}],
+         r"bad.jsonl:3: field 'qwen7b_answer' is missing"),
+        ([{"qwen7b_answer": "2"}, RECORDS[0]], r"bad.jsonl:1: field 'question' is missing"),
+        ([RECORDS[0], '{"question": "x", "qwen7b_answer": '], r"bad.jsonl:2: not valid JSON"),
+        (["", "  ", ""], r"data.sources\[0\] .*: no records in .*bad.jsonl"),
+    ],
+)  # fmt: skip
+def test_bad_jsonl_lines_are_named_by_file_and_line(tmp_path, lines, match):
+    """Never trained on str(None): a null or missing field, a malformed line, a file of blank
+    lines each fail naming the file (and line), before any model is read."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    with pytest.raises(ValueError, match=match):
+        load_records(_cfg(tmp_path, [str(path)]))
+
+
+def test_null_answer_in_other_formats_is_an_error(tmp_path, tiny_dir):
+    import datasets
+
+    rows = [RECORDS[0], {**RECORDS[1], "qwen7b_answer": None}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"))
+    with pytest.raises(ValueError, match=r"1 record\(s\) with no 'qwen7b_answer'.*record 1"):
+        load_records(_cfg(tmp_path, [str(tmp_path / "b.parquet")]))
+    tok, fam = _tok_family(tiny_dir("llada"))
+    cfg = _cfg(tmp_path, [str(tmp_path / "b.parquet")])
+    with pytest.raises(ValueError, match="has no 'qwen7b_answer'"):  # the API path too
+        encode_records(datasets.Dataset.from_list(rows), cfg, tok, fam)
+
+
+def test_relative_path_with_one_slash_is_local(tmp_path, monkeypatch):
+    """`data/nope` where `data/` exists is a missing local file, not a hub id (d2f.paths)."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"data.sources\[0\] does not exist"):
+        DataConfig(sources=["data/nope"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from d2f.schedule import add_noise, block_index, block_ratios, num_blocks
+from d2f.mask import block_ids
+from d2f.schedule import add_noise, block_ratios, num_blocks
 
 MASK = 99
 
@@ -20,12 +21,22 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_block_index_literal():
-    # L=8, block 3: row 0 answer starts at 2 (blocks 0,0,0,1,1,1), row 1 at 5 (one block).
-    got = block_index(torch.tensor([2, 5]), 8, 3)
-    want = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1], [-1, -1, -1, -1, -1, 0, 0, 0]])
-    assert torch.equal(got, want)
+def test_noise_blocks_are_the_mask_blocks_literal():
+    """One block numbering (d2f.mask.block_ids: 0 prompt, answer blocks 1, 2, ...): each answer
+    block's tokens share one ratio, block k + 1 gets ratio r[k]. L=8, blocks of 3: row 0's answer
+    starts at 2 (blocks 1,1,1,2,2,2), row 1's at 5 (one block)."""
+    prompt = torch.tensor([2, 5])
+    every = torch.ones(2, 8, dtype=torch.bool)
+    want = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]])
+    assert torch.equal(block_ids(every, prompt, 3), want)
     assert num_blocks(torch.tensor([2, 5, 8, 0]), 8, 3).tolist() == [2, 1, 0, 3]
+    ratios = block_ratios(prompt, 8, 3, kind="random", lo=0.0, hi=1.0, generator=gen(3))
+    out = add_noise(torch.zeros(2, 8, dtype=torch.long), prompt, MASK, 3, kind="random",
+                    lo=0.0, hi=1.0, generator=gen(3))  # fmt: skip
+    r0, r1 = ratios[0].tolist(), ratios[1].tolist()
+    expect = torch.tensor([[1, 1, r0[0], r0[0], r0[0], r0[1], r0[1], r0[1]],
+                           [1, 1, 1, 1, 1, r1[0], r1[0], r1[0]]])  # fmt: skip
+    assert torch.equal(out.p_mask, expect)
 
 
 def test_ramp_monotone_in_bounds_zero_beyond_own_count():
@@ -100,7 +111,7 @@ def test_prompt_never_masked_answer_fully_masked_at_ratio_one():
     prompt = torch.tensor([0, 3, 9, 10])
     for kind in ("ramp", "random"):  # "single" draws t < 1: covered by the next test
         out = add_noise(ids, prompt, MASK, 4, kind=kind, lo=1.0, hi=1.0, generator=gen(8))
-        answer = block_index(prompt, 10, 4) >= 0
+        answer = block_ids(torch.ones(4, 10, dtype=torch.bool), prompt, 4) >= 1
         assert torch.equal(out.masked, answer)
         assert torch.equal(out.noisy_ids, torch.where(answer, MASK, ids))
         assert torch.equal(out.p_mask, torch.ones(4, 10))  # answer ratio 1, prompt 1 by choice

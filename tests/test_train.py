@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from d2f.checkpoint import list_checkpoints
+from d2f.config import NoiseConfig
 from d2f.data import TokenBatch, collate, encode_records, load_records
 from d2f.family import family_of
 from d2f.loss import distill_terms
@@ -25,7 +26,6 @@ from d2f.mask import full_mask
 from d2f.models import load_model
 from d2f.objectives import (
     OBJECTIVES,
-    NoiseSpec,
     forward,
     make_batch,
     student_logits,
@@ -76,7 +76,7 @@ def test_teacher_is_base_bidirectional_student_block_causal(tiny_dir, family):
     tokens = TokenBatch(
         torch.randint(10, 100, (2, 18)), torch.tensor([6, 6]), torch.tensor([18, 16])
     )
-    batch = make_batch(tokens, fam, NoiseSpec("ramp", 4), torch.Generator().manual_seed(0))
+    batch = make_batch(tokens, fam, NoiseConfig("ramp", 4), torch.Generator().manual_seed(0))
     with torch.no_grad():
         teacher = teacher_logits(student, batch, F32)
         base_full = forward(base, batch, full_mask(batch.blocks), F32)
@@ -103,7 +103,7 @@ def _fixed_batch_terms(path, adapter, block_size=4, rows=64):
     batch = make_batch(
         collate(data, list(range(rows))),
         fam,
-        NoiseSpec("ramp", block_size),
+        NoiseConfig("ramp", block_size),
         torch.Generator().manual_seed(1234),
     )
     with torch.no_grad():
@@ -190,7 +190,9 @@ def test_checkpoint_is_a_loadable_adapter_in_original_naming(sharp, tmp_path):
     base, _ = load_model(sharp)
     ids = torch.randint(10, 100, (1, 12))
     assert (student(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="data.max_length=40 but .* was trained with 48"):
+    with pytest.raises(
+        ValueError, match="differs from .*config.yaml.*\n  data.max_length: 48 -> 40"
+    ):
         main(tiny_config(sharp, run, "train.max_steps=6", "data.max_length=40"))
 
 
