@@ -31,7 +31,7 @@ def _forward(model, ids, blocks, pos, q_start, q_end, cache):
             input_ids=ids[:, q_start:q_end],
             attention_mask=mask,
             position_ids=pos[:, q_start:q_end],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     return out.logits  # (B, Q, V)
