@@ -124,13 +124,17 @@ def portable_tokenizer_config(cfg: dict[str, Any]) -> dict[str, Any]:
     transformers 5 writes the unnamed extra special tokens as a list under `extra_special_tokens`;
     transformers 4.x reads that key as a dict of *named* tokens (4.49 calls `.keys()` on it and
     fails). The list under `additional_special_tokens` is read by 4.x, and 5.x maps it back to
-    `extra_special_tokens` on load, so both versions get the same tokens.
+    `extra_special_tokens` on load, so both versions get the same tokens. 5.x's class name
+    `TokenizersBackend` is 4.x's `PreTrainedTokenizerFast` (5.x exports both names for one class).
+    `is_local` / `local_files_only` record how the tokenizer was last loaded, not the tokenizer.
     """
-    cfg = dict(cfg)
+    cfg = {k: v for k, v in cfg.items() if k not in ("is_local", "local_files_only")}
     extra = cfg.get("extra_special_tokens")
     if isinstance(extra, list):
         del cfg["extra_special_tokens"]
         cfg["additional_special_tokens"] = extra
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     return cfg
 
 

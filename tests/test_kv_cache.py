@@ -5,6 +5,7 @@ keys and values never change, so caching them loses nothing. Checked for both fa
 (left-padded) batch, with two blocks in flight at once and explicit position ids.
 """
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -37,6 +38,7 @@ def _forward(model, ids, blocks, pos, q_start, q_end, cache):
     return out.logits  # (B, Q, V)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache argument is `cache=` now
 def test_cached_windows_equal_full_forward(tiny_dir, family_name):
     from d2f.family import family_of
     from d2f.models import load_model
