@@ -336,6 +336,17 @@ def test_invalid_config_json_names_file_and_line(tiny_dir, tmp_path):
         load_model(path)
 
 
+def test_invalid_adapter_and_tokenizer_json_name_the_file(tiny_dir, tmp_path):
+    path = _copy(tiny_dir, tmp_path)
+    ad = _write_llada_adapter(path, tmp_path / "ad", LLADA_NAMES)
+    (ad / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    with pytest.raises(ValueError, match=r"ad/adapter_config.json: invalid JSON at line 1"):
+        load_model(path, adapter=ad)
+    (path / "tokenizer_config.json").write_text("{\n\n  oops")
+    with pytest.raises(ValueError, match=r"m/tokenizer_config.json: invalid JSON at line 3"):
+        load_tokenizer(path)
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_missing_mask_token_id_names_file_and_field(tiny_dir, tmp_path, family):
     path = _copy(tiny_dir, tmp_path, family)
