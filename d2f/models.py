@@ -432,7 +432,7 @@ def original_target_modules(wrapped: set[str], universe: set[str]) -> list[str] 
     per_layer = [re.fullmatch(r"(?:.*\.)?([^.]+)\.\d+\.[^.]+", m) for m in wrapped]
     parents = {m.group(1) for m in per_layer if m is not None}
     if None not in per_layer and len(parents) == 1:
-        pattern = rf".*\.{re.escape(parents.pop())}\.\d+\.({'|'.join(leaves)})"
+        pattern = rf".*\.{re.escape(parents.pop())}\.\d+\.({'|'.join(map(re.escape, leaves))})"
         if exact(pattern):
             return pattern
     pattern = "(" + "|".join(re.escape(m) for m in sorted(wrapped)) + ")"

@@ -157,6 +157,21 @@ def test_saved_adapter_reads_the_original_way(tiny_dir, tmp_path, family):
     assert (want - plain).abs().max() > 1e-2  # the adapter changes the model
 
 
+def test_adapter_on_some_layers_names_exactly_those(tiny_dir, tmp_path):
+    """Only layer 1 adapted: neither the leaf list nor the per-layer regex is exact, so the full
+    module names are written, and peft's rule on the original names picks exactly them."""
+    from peft import get_peft_model
+
+    base, _ = load_model(tiny_dir("llada"))
+    config = LoraConfig(r=4, target_modules=HF_NAMES, layers_to_transform=[1])
+    out = save_adapter(get_peft_model(base, config), tmp_path / "ad")
+    trained = _lora_modules(out)
+    assert {m.split(".")[3] for m in trained} == {"1"} and len(trained) == 7
+    assert {m for m in _original_modules(tiny_dir("llada")) if _peft_rule(out)(m)} == trained
+    loaded, _ = load_model(tiny_dir("llada"), adapter=out)
+    assert len([n for n, _ in loaded.named_parameters() if "lora_A" in n]) == 7
+
+
 def _write_llada_adapter(base_dir, out, target_modules, modules=LLADA_NAMES, r=4):
     """An adapter in LLaDA's own naming, as the authors' trainer writes it."""
     raw = read_config(base_dir)
