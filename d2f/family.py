@@ -13,8 +13,10 @@ module asks "is this LLaDA?": it asks `family_of(model)`. A new family is one ne
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,8 +71,8 @@ class FamilySpec:
     model_types: tuple[str, ...]
     # regex on original key -> replacement giving the transformers key (applied in order)
     key_mapping: dict[str, str] = {}
-    # original module name -> transformers module name (for LoRA target_modules)
-    module_renames: dict[str, str] = {}
+    # config.json fields this format cannot do without, checked before any weight is read
+    required_fields: tuple[str, ...] = ()
     shift_logits: bool = False
     use_chat_template: bool = False
     # tokenizer class used when `tokenizer_config.json` names a remote-code class
@@ -85,9 +87,22 @@ class FamilySpec:
     def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
         raise NotImplementedError
 
+    def check_config(self, raw: dict[str, Any], where: str = "config.json") -> None:
+        """Raise a ValueError naming `where` and the field when a required field is missing."""
+        for name in self.required_fields:
+            if raw.get(name) is None:
+                raise ValueError(
+                    f"{where}: missing field {name!r} (required in a {self.name} config.json)"
+                )
+
+    def generation_config(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """The `generation_config.json` dict the original loader needs, or None (none needed)."""
+        return None
+
     def write_tokenizer(self, tokenizer, out) -> None:
         """Save `tokenizer` into directory `out` in the family's original layout."""
         tokenizer.save_pretrained(str(out))
+        edit_tokenizer_config(Path(out), portable_tokenizer_config)
 
     def to_hf_key(self, key: str) -> str:
         for pattern, repl in self.key_mapping.items():
@@ -102,12 +117,32 @@ class FamilySpec:
     def _inverse_mapping(self) -> dict[str, str]:
         return {}
 
-    def original_module(self, name: str) -> str:
-        inverse = {v: k for k, v in self.module_renames.items()}
-        return inverse.get(name, name)
 
-    def hf_module(self, name: str) -> str:
-        return self.module_renames.get(name, name)
+def portable_tokenizer_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A `tokenizer_config.json` dict that transformers 4.x reads too, with the same meaning.
+
+    transformers 5 writes the unnamed extra special tokens as a list under `extra_special_tokens`;
+    transformers 4.x reads that key as a dict of *named* tokens (4.49 calls `.keys()` on it and
+    fails). The list under `additional_special_tokens` is read by 4.x, and 5.x maps it back to
+    `extra_special_tokens` on load, so both versions get the same tokens. 5.x's class name
+    `TokenizersBackend` is 4.x's `PreTrainedTokenizerFast` (5.x exports both names for one class).
+    `is_local` / `local_files_only` record how the tokenizer was last loaded, not the tokenizer.
+    """
+    cfg = {k: v for k, v in cfg.items() if k not in ("is_local", "local_files_only")}
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del cfg["extra_special_tokens"]
+        cfg["additional_special_tokens"] = extra
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return cfg
+
+
+def edit_tokenizer_config(out: Path, edit) -> None:
+    """Rewrite `out/tokenizer_config.json` (if written) through `edit(dict) -> dict`."""
+    path = out / "tokenizer_config.json"
+    if path.is_file():
+        path.write_text(json.dumps(edit(json.loads(path.read_text())), indent=2) + "\n")
 
 
 def _token_id(tokenizer, token: str) -> int | None:
@@ -136,7 +171,15 @@ class LLaDASpec(FamilySpec):
         r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
         r"^model\.transformer\.blocks\.(\d+)\.ff_out\.": r"model.layers.\1.mlp.down_proj.",
     }
-    module_renames = {"attn_out": "o_proj"}
+    required_fields = (
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "mlp_hidden_size",
+        "vocab_size",
+        "mask_token_id",
+        "eos_token_id",
+    )
     use_chat_template = True
     # (field, required value) pairs this mapping reproduces exactly; anything else is refused
     _supported = {
@@ -169,18 +212,20 @@ class LLaDASpec(FamilySpec):
         """LLaDA's hub layout: `PreTrainedTokenizerFast` named, chat template inside
         `tokenizer_config.json` (transformers 5 would write the class as TokenizersBackend and the
         template to a separate chat_template.jinja)."""
-        import json
-        from pathlib import Path
-
         tokenizer.save_pretrained(str(out))
-        cfg_path = Path(out) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         jinja = Path(out) / "chat_template.jinja"
-        if jinja.exists():
-            cfg["chat_template"] = jinja.read_text()
+        template = jinja.read_text() if jinja.exists() else None
+
+        def llada_layout(cfg: dict[str, Any]) -> dict[str, Any]:
+            cfg = portable_tokenizer_config(cfg)
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            if template is not None:
+                cfg["chat_template"] = template
+            return cfg
+
+        edit_tokenizer_config(Path(out), llada_layout)
+        if template is not None:
             jinja.unlink()
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
         for key, want in self._supported.items():
@@ -243,6 +288,7 @@ class DreamSpec(FamilySpec):
     shift_logits = True
     use_chat_template = False
     tokenizer_fallback = "Qwen2Tokenizer"
+    required_fields = ("mask_token_id", "eos_token_id", "vocab_size", "hidden_size")
     _dropped = ("model_type", "architectures", "auto_map", "transformers_version")
 
     def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
@@ -252,6 +298,11 @@ class DreamSpec(FamilySpec):
         if kwargs.get("use_sliding_window"):
             raise ValueError("Dream config field use_sliding_window=True is not supported")
         return Qwen2Config(**kwargs)
+
+    def generation_config(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """Dream's own `DreamModel.from_pretrained` always reads `generation_config.json`."""
+        fields = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+        return {k: raw[k] for k in fields if raw.get(k) is not None}
 
     def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
         return Qwen2ForCausalLM
@@ -317,10 +368,12 @@ SPECS: dict[str, FamilySpec] = {
 
 
 def detect_spec(raw: dict[str, Any], where: str = "config.json") -> FamilySpec:
-    """The family whose `model_type` matches the raw `config.json` dict."""
+    """The family whose `model_type` matches the raw `config.json` dict (its required fields
+    checked: a missing one is a ValueError naming `where` and the field)."""
     model_type = raw.get("model_type")
     for spec in SPECS.values():
         if model_type in spec.model_types:
+            spec.check_config(raw, where)
             return spec
     supported = ", ".join(repr(t) for spec in SPECS.values() for t in spec.model_types)
     raise ValueError(f"{where}: unknown model_type {model_type!r}; supported: {supported}")

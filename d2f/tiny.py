@@ -127,6 +127,7 @@ def llada_config(
     mlp_hidden_size: int = 96,
     max_sequence_length: int = 512,
     rope_theta: float = 500000.0,
+    n_kv_heads: int | None = None,
 ) -> dict[str, Any]:
     """An original LLaDA `config.json` dict (the fields of GSAI-ML/LLaDA-8B-Instruct), sized down."""
     return {
@@ -139,7 +140,7 @@ def llada_config(
         "d_model": d_model,
         "n_layers": n_layers,
         "n_heads": n_heads,
-        "n_kv_heads": n_heads,
+        "n_kv_heads": n_heads if n_kv_heads is None else n_kv_heads,
         "mlp_hidden_size": mlp_hidden_size,
         "mlp_ratio": 4,
         "vocab_size": vocab_size,

@@ -5,6 +5,7 @@ keys and values never change, so caching them loses nothing. Checked for both fa
 (left-padded) batch, with two blocks in flight at once and explicit position ids.
 """
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -31,12 +32,13 @@ def _forward(model, ids, blocks, pos, q_start, q_end, cache):
             input_ids=ids[:, q_start:q_end],
             attention_mask=mask,
             position_ids=pos[:, q_start:q_end],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     return out.logits  # (B, Q, V)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache argument is `cache=` now
 def test_cached_windows_equal_full_forward(tiny_dir, family_name):
     from d2f.family import family_of
     from d2f.models import load_model
