@@ -1,6 +1,6 @@
 """`DRY_RUN=1 bash scripts/eval_{llada,dream}.sh` prints exactly the paper's settings.
 
-The spec is the paper's Table 8 (copied from PAPER_FACTS.md, "Benchmark settings") and what the
+The spec is the paper's Table 8 (as in docs/upstream.md, "Benchmark settings") and what the
 authors' released eval scripts run (same file): chat template with few-shot as multi-turn for
 LLaDA gsm8k, mbpp and minerva_math only; LLaDA MATH 0-shot by default; HumanEval through our
 sanitising task; the baseline is `vanilla` on the base model, blocks of 32, one token per step.

@@ -1,7 +1,7 @@
 """Code sanitiser: the program to execute for a code-generation answer (HumanEval pass@1).
 
 The paper's HumanEval numbers turn lm-eval's stop strings off, keep the whole generation and score
-pass@1 after a sanitiser (PAPER_FACTS.md, "What the authors' released eval scripts actually run",
+pass@1 after a sanitiser (docs/upstream.md, "What the released eval scripts run",
 after evalplus' `sanitize`). This is the same recipe on Python's own `ast`:
 
 1. the code: the first fenced block (```python / ```py / ``` ... ```; an unclosed fence runs to the
