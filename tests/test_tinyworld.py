@@ -97,3 +97,14 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "built in" not in second.stdout
     assert (out / "results" / "table.md").read_text().count("|") == table.count("|")
+
+
+@pytest.mark.parametrize("kind", ["teacher", "ar"])
+def test_shipped_tokenizer_configs_are_portable(kind):
+    """The shipped tokenizer configs are already in the form transformers 4.49 reads (the authors'
+    stack): rewriting them portably changes nothing."""
+    from d2f.family import portable_tokenizer_config
+
+    cfg = json.loads((ASSETS / kind / "tokenizer_config.json").read_text())
+    assert portable_tokenizer_config(cfg) == cfg
+    assert not isinstance(cfg.get("extra_special_tokens"), list)
