@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -283,7 +284,7 @@ def _write_table(table: list[dict], results: Path, args) -> None:
         f"\nHeld-out split of d2f_tiny_add ({args.n} unseen operand pairs), exact match "
         "(strict `#### N`), lm-eval. TPF = generated tokens up to and including the first end "
         f"token per forward; TPS and latency at batch 1 and at batch {big}; speed-up vs "
-        f"vanilla. {args.threads} torch thread(s).\n"
+        f"vanilla. {environment()}, {platform.machine()} CPU ({os.cpu_count()} cores).\n"
     )
     (results / "table.md").write_text(md + note)
     with open(results / "table.csv", "w", newline="") as f:
