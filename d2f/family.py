@@ -73,7 +73,7 @@ class FamilySpec:
     key_mapping: dict[str, str] = {}
     # config.json fields this format cannot do without, checked before any weight is read
     required_fields: tuple[str, ...] = ()
-    shift_logits: bool = False
+    shift_logits: bool = False  # the source of Family.shift_logits (Dream, AR: True)
     use_chat_template: bool = False
     # tokenizer class used when `tokenizer_config.json` names a remote-code class
     tokenizer_fallback: str = "PreTrainedTokenizerFast"
@@ -273,7 +273,7 @@ class LLaDASpec(FamilySpec):
             answer_end_token_id=eos if eot is None else eot,
             pad_token_id=raw.get("pad_token_id", eos),
             bos_token_id=bos,
-            shift_logits=False,
+            shift_logits=self.shift_logits,
             lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             use_chat_template=self.use_chat_template,
             original_config=raw,
@@ -317,7 +317,7 @@ class DreamSpec(FamilySpec):
             answer_end_token_id=eos,
             pad_token_id=raw.get("pad_token_id", eos),
             bos_token_id=raw.get("bos_token_id"),
-            shift_logits=True,
+            shift_logits=self.shift_logits,
             lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             use_chat_template=self.use_chat_template,
             original_config=raw,
@@ -354,7 +354,7 @@ class AutoregressiveSpec(FamilySpec):
             answer_end_token_id=ends[0],
             pad_token_id=ends[0] if pad is None else pad,
             bos_token_id=raw.get("bos_token_id"),
-            shift_logits=True,
+            shift_logits=self.shift_logits,
             lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
             use_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
             causal=True,
