@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from d2f.decoding import DecodeConfig, StepEvent, generate
-from d2f.decoding.config import field_help
+from d2f.decoding.config import field_help, parse_options
 from d2f.family import family_of
 from d2f.models import load_model
 
@@ -42,7 +42,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         hint, name = hints[f.name], f"--{f.name}"
         args = typing.get_args(hint)
         text = helps.get(f.name, "")
-        if f.name == "strategy":  # None here: chosen from the model once it is loaded
+        if f.name == "options":  # KEY=VALUE pairs, typed by the strategy's options class
+            group.add_argument(
+                name, nargs="*", default=[], metavar="KEY=VALUE", help=f"{text} (KEY=VALUE ...)"
+            )
+        elif f.name == "strategy":  # None here: chosen from the model once it is loaded
             group.add_argument(
                 name,
                 choices=args,
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.picture is not None and not args.picture.endswith(PICTURE_SUFFIXES):
         parser.error(f"--picture {args.picture}: the file name must end in .png or .html")
     try:  # every check before the (expensive) load
-        cfg = DecodeConfig(**{**chosen, "strategy": args.strategy or "d2f"})
+        strategy = args.strategy or "d2f"
+        chosen["options"] = parse_options(strategy, chosen.get("options") or [])
+        cfg = DecodeConfig(**{**chosen, "strategy": strategy})
         check_device(args.device)
         model, tok = load_model(
             args.model, adapter=args.adapter, dtype=args.dtype, device=args.device

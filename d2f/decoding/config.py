@@ -8,6 +8,7 @@ import io
 import math
 import numbers
 import tokenize
+import typing
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -16,6 +17,66 @@ import torch
 
 Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference"]
 STRATEGIES: tuple[str, ...] = ("d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference")
+
+
+# A strategy with settings of its own registers one small frozen dataclass here (its name ->
+# the class), so that DecodeConfig does not grow one flat field per method's knob. The fields of
+# DecodeConfig itself are the ones every strategy shares.
+STRATEGY_OPTIONS: dict[str, type] = {}
+
+
+def strategy_options(strategy: str):
+    """Class decorator: register `cls` as the options dataclass of `strategy`."""
+
+    def register(cls):
+        if strategy in STRATEGY_OPTIONS:
+            raise ValueError(
+                f"strategy {strategy!r} already has options {STRATEGY_OPTIONS[strategy]}"
+            )
+        STRATEGY_OPTIONS[strategy] = cls
+        return cls
+
+    return register
+
+
+def parse_options(strategy: str, items: list[str]) -> dict:
+    """`["cache=dual", "threshold=0.9"]` (CLI / model-args text) -> a dict typed by the fields of
+    `strategy`'s options class (int, float, bool, str or Literal), for `DecodeConfig(options=)`."""
+    cls = STRATEGY_OPTIONS.get(strategy)
+    if not items:
+        return {}
+    if cls is None:
+        raise ValueError(f"strategy {strategy!r} takes no options, got {items}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(
+                f"{strategy} option {item!r}: expected KEY=VALUE with KEY in {sorted(hints)}"
+            )
+        out[key] = _parse_value(key, text, hints[key])
+    return out
+
+
+def _parse_value(key: str, text: str, hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if text.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    if typing.get_origin(hint) is typing.Literal:
+        if text not in [str(a) for a in args]:
+            raise ValueError(f"option {key} must be one of {args}, got {text!r}")
+        return next(a for a in args if str(a) == text)
+    kinds = [a for a in (*args, hint) if a in (bool, int, float, str)]
+    kind = kinds[0] if kinds else str
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"option {key} must be true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"option {key} must be {kind.__name__}, got {text!r}") from None
 
 
 PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
@@ -49,9 +110,11 @@ class DecodeConfig:
     truncate_prompt: bool = False  # left-truncate prompts that leave no room for the answer
     steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
     remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla's remasking rule
+    options: object = None  # the strategy's own settings (dict or options class); None = defaults
 
     def __post_init__(self):
         self._check_types()
+        self.options = self._resolve_options()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.block_size <= 0:
@@ -81,6 +144,33 @@ class DecodeConfig:
             )
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be low_confidence or random, got {self.remasking!r}")
+
+    def _resolve_options(self):
+        """`options` as the strategy's options dataclass: None -> its defaults, a dict -> built
+        from it (unknown keys fail, naming the strategy's fields); no options for a strategy that
+        has none."""
+        cls = STRATEGY_OPTIONS.get(self.strategy)
+        opts = self.options
+        if cls is None:
+            if opts not in (None, {}):
+                raise ValueError(f"strategy {self.strategy!r} takes no options, got {opts!r}")
+            return None
+        if opts is None:
+            return cls()
+        if isinstance(opts, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(opts) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown {self.strategy} options {unknown}; known: {sorted(known)}"
+                )
+            return cls(**opts)
+        if not isinstance(opts, cls):
+            raise TypeError(
+                f"options of strategy {self.strategy!r} must be a dict or {cls.__name__}, "
+                f"got {type(opts).__name__}"
+            )
+        return opts
 
     def _check_types(self) -> None:
         """TypeError naming the field for a value of the wrong type (bool is not an int here)."""
