@@ -34,9 +34,10 @@ VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install --quiet "$WHEEL"
 
 cd "$WORK/run"  # outside the repository: nothing may be read from the checkout
-"$VPY" - "$REPO" <<'PY'
+"$VPY" - "$REPO" "$WORK/venv" <<'PY'
 import sys, d2f
-assert not d2f.__file__.startswith(sys.argv[1]), d2f.__file__
+repo, venv = sys.argv[1:]
+assert d2f.__file__.startswith(venv) and not d2f.__file__.startswith(f"{repo}/d2f/"), d2f.__file__
 print("d2f imported from", d2f.__file__)
 PY
 echo "== python -m d2f.train (tiny preset)"
