@@ -183,7 +183,7 @@ def test_matches_released_rule(models, fam, case):
 
 
 @pytest.mark.parametrize("fam", ["llada", "dream"])
-@pytest.mark.parametrize("thr", [1.0, 1.5])
+@pytest.mark.parametrize("thr", [1.5, 2.0])
 def test_add_activate_one_is_block_by_block_entropy(models, fam, thr):
     model = models[fam]
     cfg = _cfg(threshold=thr, early_stop=False, tau_add=1.0, tau_act=1.0)
