@@ -1,6 +1,7 @@
 """AUP (d3LLM's Accuracy Under Parallelism): hand-computed values, the leaderboard's published
 GSM8K-CoT numbers, the point filter, and the errors."""
 
+import json
 import math
 
 import pytest
@@ -66,3 +67,42 @@ def test_more_parallelism_at_equal_accuracy_raises_aup():
 def test_bad_curves_refused(points, y_max, match):
     with pytest.raises(ValueError, match=match):
         aup(points, y_max)
+
+
+def _run(run, strategy: str, score: float, tokens: int, forwards: int, **args) -> None:
+    """A run directory as the d2f lm-eval model leaves it (d2f_speed.json + a results file)."""
+    run.mkdir(parents=True)
+    task = {
+        "samples": 10,
+        "tokens": tokens,
+        "tokens_with_end": tokens + 10,  # d2f's TPF counts the end token, d3LLM's does not
+        "forwards": forwards,
+        "wall_s": 1.0,
+        "tokens_per_second": tokens,
+        "tokens_per_forward": (tokens + 10) / forwards,
+        "latency_s": 0.1,
+        "gen_length": tokens / 10,
+    }
+    model_args = {"pretrained": "m", "adapter": None, "strategy": strategy, **args}
+    speed = {"model_args": model_args, "tasks": {"gsm8k": task}}
+    (run / "d2f_speed.json").write_text(json.dumps(speed))
+    results = {"results": {"gsm8k": {"exact_match,strict-match": score}}}
+    (run / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results))
+
+
+def test_table_aup_of_a_curve(tmp_path):
+    from d2f.lmeval.table import collect, to_markdown
+
+    # one d3llm curve of two settings, and a single vanilla point (AUP n/a, but it sets y_max)
+    _run(tmp_path / "a", "d3llm", 0.80, 1000, 1000, options="threshold=0.1")
+    _run(tmp_path / "b", "d3llm", 0.78, 3000, 1000, options="threshold=0.5")
+    _run(tmp_path / "c", "vanilla", 0.82, 500, 1000)
+    rows = {r.strategy + r.settings: r for r in collect(tmp_path)}
+    curve = [(1.0, 80.0), (3.0, 78.0)]  # (tokens / forwards, percent): d3LLM's TPF
+    assert rows["d3llmoptions=threshold=0.1"].tpf_d3llm == 1.0
+    for key in ("d3llmoptions=threshold=0.1", "d3llmoptions=threshold=0.5"):
+        assert rows[key].aup == pytest.approx(aup(curve, y_max=82.0))
+    assert rows["vanilla"].aup is None
+    assert aup(curve, 82.0) < aup(curve, 80.0)  # y_max is the task's best, not the curve's
+    text = to_markdown(list(rows.values()))
+    assert f"| {aup(curve, 82.0):.2f} |" in text and text.count("| n/a |") == 1
