@@ -80,7 +80,9 @@ def main():
     p.add_argument("--hidden", type=int, default=0, help="random model width (default tiny)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--sharpen", type=float, default=12.0)
-    p.add_argument("--strategies", nargs="+", default=["d2f", "cache_only", "fast_dllm", "vanilla"])
+    p.add_argument(
+        "--strategies", nargs="+", default=["d2f", "cache_only", "fast_dllm", "vanilla", "d3llm"]
+    )
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt_len", type=int, default=24)
     p.add_argument("--block_size", type=int, default=8)

@@ -153,6 +153,8 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
         "latency (s)",
         "gen len",
         "speed-up",
+        "TPF (d3LLM)",
+        "AUP",
     ]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert cells[0] == [
@@ -168,6 +170,8 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
         "10.00",
         "72.0",
         "1.00x",
+        "0.14",
+        "n/a",  # one point per curve: no AUP (tests/test_aup.py has curves)
     ]
     assert cells[1] == [
         "LLaDA-8B-Instruct",
@@ -182,9 +186,11 @@ def test_cli_prints_markdown_and_writes_csv(out_dir, tmp_path, capsys):
         "10.00",
         "525.0",
         "7.29x",
+        "5.25",
+        "n/a",
     ]
     assert cells[2][2:6] == ["minerva_math", "d2f", "", "exact_match 0.300 / math_verify 0.350"]
-    assert cells[2][-1] == ""
+    assert cells[2][-3] == ""
 
     with (tmp_path / "t.csv").open() as f:
         table = {(r["task"], r["strategy"]): r for r in csv.DictReader(f)}

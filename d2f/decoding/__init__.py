@@ -14,8 +14,10 @@ from d2f.decoding.config import (
     RowStats,
     StepEvent,
 )
+from d2f.decoding.d3llm import D3LLMOptions
 
 __all__ = [
+    "D3LLMOptions",
     "DECODERS",
     "STRATEGIES",
     "BlockState",

@@ -12,10 +12,15 @@ setting (batch size included) are separate rows. Each row has every score of the
 a stderr (gsm8k: `exact_match,strict-match` and `exact_match,flexible-extract`; code tasks:
 `pass_at_1,none`; minerva_math: `exact_match,none` and `math_verify,none`), TPS, TPF, latency,
 generation length and the speed-up: TPS over the TPS of the baseline strategy's row for the same
-model, task and batch size (blank without one). The `settings` column names the model args that
-tell apart rows of the same model, adapter, task and strategy. A group such as `minerva_math`
-gets its aggregate score from the results and the speed of its subtasks combined (ratios of
-totals, as for one task); its subtasks get rows too.
+model, task and batch size (blank without one). `TPF (d3LLM)` counts as d3LLM's evaluation does
+(tokens before the first end token over forwards) and `AUP` is d3LLM's Accuracy Under
+Parallelism (`d2f.lmeval.aup`) of the curve the row belongs to: the rows of one model, adapter,
+task, strategy and batch size (several settings = several points), each point (TPF (d3LLM),
+100 x the row's first score), y_max the best such score of the task in the table; "n/a" where the
+curve has a single point or the leaderboard would refuse it (docs/evaluation.md, "AUP"). The
+`settings` column names the model args that tell apart rows of the same model, adapter, task and
+strategy. A group such as `minerva_math` gets its aggregate score from the results and the speed
+of its subtasks combined (ratios of totals, as for one task); its subtasks get rows too.
 
 `batch_table` lays out one configuration per row with speed columns per batch size (the tiny
 world's quickstart table).
@@ -29,6 +34,8 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from d2f.lmeval.aup import aup
 
 SPEED_FILE = "d2f_speed.json"
 SPEED_COLUMNS = ("tokens_per_second", "tokens_per_forward", "latency_s", "gen_length")
@@ -47,6 +54,8 @@ class Row:
     speedup: float | None = None  # TPS / TPS of the baseline row
     model_args: dict = field(default_factory=dict)  # the run's model args (d2f_speed.json)
     settings: str = ""  # the model args that tell this row apart from its look-alikes
+    tpf_d3llm: float | None = None  # tokens before the first end over forwards (d3LLM's TPF)
+    aup: float | None = None  # AUP of the row's curve (add_aup); None = n/a
 
     @property
     def adapter(self) -> str:
@@ -132,6 +141,9 @@ def rows_of_run(run: Path, results_files: list[Path]) -> list[tuple[str, Row]]:
             speed=_speed_columns(parts),
             run=str(run),
             model_args=model_args,
+            tpf_d3llm=sum(p["tokens"] for p in parts) / max(sum(p["forwards"] for p in parts), 1)
+            if parts
+            else None,
         )
         rows.append((stamps.get(task, ""), row))
     return rows
@@ -157,6 +169,34 @@ def add_speedups(rows: list[Row], baseline: str) -> None:
         base_tps = base.get((row.model, row.task, row.batch_size))
         tps = row.speed.get("tokens_per_second")
         row.speedup = tps / base_tps if base_tps and tps is not None else None
+
+
+def add_aup(rows: list[Row]) -> None:
+    """Set `aup` on every row whose curve (same model, adapter, task, strategy and batch size)
+    has two or more points with a score: points (TPF (d3LLM), 100 x first score), y_max the best
+    first score of the task over all rows. A curve the leaderboard refuses (a drop of more than
+    5 points) stays None."""
+
+    def point(r: Row) -> tuple[float, float] | None:
+        if not r.scores or not r.tpf_d3llm:
+            return None
+        return r.tpf_d3llm, 100 * next(iter(r.scores.values()))
+
+    y_max: dict[str, float] = {}
+    curves: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if point(r) is not None:
+            y_max[r.task] = max(y_max.get(r.task, 0.0), point(r)[1])
+            curves.setdefault((r.model, r.adapter, r.task, r.strategy, r.batch_size), []).append(r)
+    for (*_, task, _s, _b), group in curves.items():
+        if len(group) < 2 or y_max[task] <= 0:
+            continue
+        try:
+            value = aup([point(r) for r in group], y_max[task])
+        except ValueError:  # the leaderboard refuses curves that lose more than 5 points
+            continue
+        for r in group:
+            r.aup = value
 
 
 def add_settings(rows: list[Row]) -> None:
@@ -197,6 +237,7 @@ def collect(out_dir: str | Path, baseline: str = "vanilla") -> list[Row]:
         )
     )
     add_speedups(rows, baseline)
+    add_aup(rows)
     return rows
 
 
@@ -229,7 +270,7 @@ def markdown(header: list[str], cells: list[list[str]], left: int) -> str:
 
 def to_markdown(rows: list[Row]) -> str:
     header = ["model", "adapter", "task", "strategy", "settings", "score", "n", "TPS", "TPF"]
-    header += ["latency (s)", "gen len", "speed-up"]
+    header += ["latency (s)", "gen len", "speed-up", "TPF (d3LLM)", "AUP"]
     cells = []
     for r in rows:
         s = r.speed
@@ -247,6 +288,8 @@ def to_markdown(rows: list[Row]) -> str:
                 _num(s.get("latency_s"), ".2f"),
                 _num(s.get("gen_length"), ".1f"),
                 "" if r.speedup is None else f"{r.speedup:.2f}x",
+                _num(r.tpf_d3llm, ".2f"),
+                "n/a" if r.aup is None else f"{r.aup:.2f}",
             ]
         )
     return markdown(header, cells, left=5)
@@ -259,7 +302,7 @@ def to_csv(rows: list[Row]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
         ["model", "adapter", "task", "strategy", "settings", "batch_size", *score_keys]
-        + ["samples", *SPEED_COLUMNS, "speedup", "run"]
+        + ["samples", *SPEED_COLUMNS, "speedup", "run", "tpf_d3llm", "aup"]
     )
     for r in rows:
         writer.writerow(
@@ -268,6 +311,7 @@ def to_csv(rows: list[Row]) -> str:
             + ["" if r.samples is None else r.samples]
             + [r.speed.get(k, "") for k in SPEED_COLUMNS]
             + ["" if r.speedup is None else r.speedup, r.run]
+            + ["" if r.tpf_d3llm is None else r.tpf_d3llm, "" if r.aup is None else r.aup]
         )
     return out.getvalue()
 

@@ -60,6 +60,10 @@ ROWS = (
     Row("D2F cache-only", "student", {"strategy": "cache_only", **D2F_DECODE}),
     Row("D2F pipelined", "student", {"strategy": "d2f", **D2F_DECODE}),
     Row("autoregressive", "ar", {"strategy": "ar", "block_size": 8, "max_new_tokens": 24}),
+    # d3LLM's own defaults (entropy threshold 0.5, early stop; tau_add 0.1, tau_act 0.95)
+    Row(
+        "d3LLM multi-block", "teacher", {"strategy": "d3llm", "block_size": 8, "max_new_tokens": 24}
+    ),
 )
 
 
