@@ -117,7 +117,7 @@ def factor_count(sorted_conf: Tensor, n: Tensor, factor: float) -> Tensor:
 
 def factor_commit(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
     """The factor rule: (b, W) confidences (-inf off the masks) -> (b, W) bool, the top k."""
-    values, order = conf.sort(-1, descending=True, stable=True)  # (b, W)
+    values, order = conf.sort(dim=-1, descending=True, stable=True)  # (b, W)
     k = factor_count(values, masked.sum(-1), factor)  # (b,)
     top = torch.arange(conf.shape[-1], device=conf.device)[None] < k[:, None]
     return torch.zeros_like(masked).scatter(1, order, top) & masked
