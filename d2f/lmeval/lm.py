@@ -57,11 +57,21 @@ _DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
 _OPTION_PREFIX = "options."
 
 
+def _as_text(value) -> str:
+    """A model-arg value back as its text: lm-eval reads "none" / "None" as None."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def gather_options(decode_kwargs: dict) -> dict:
     """Move the `options.KEY=VALUE` model args out of `decode_kwargs` into `options`.
 
-    lm-eval hands numbers and booleans over already typed (0.9, True): they go back to text and
-    are typed again by the strategy's options class, so a wrong key or value names the option.
+    lm-eval hands numbers, booleans and "none" over already typed (0.9, True, None): they go back
+    to text and are typed again by the strategy's options class, so a wrong key or value names
+    the option.
     """
     keys = [k for k in decode_kwargs if k.startswith(_OPTION_PREFIX)]
     if not keys:
@@ -70,7 +80,7 @@ def gather_options(decode_kwargs: dict) -> dict:
         raise ValueError("d2f model_args: give options either as options.KEY=VALUE or options=")
     out = {k: v for k, v in decode_kwargs.items() if k not in keys}
     strategy = out.get("strategy", DecodeConfig.strategy)
-    items = [f"{k[len(_OPTION_PREFIX) :]}={decode_kwargs[k]}" for k in keys]
+    items = [f"{k[len(_OPTION_PREFIX) :]}={_as_text(decode_kwargs[k])}" for k in keys]
     try:
         out["options"] = parse_options(strategy, items)
     except ValueError as err:
