@@ -11,7 +11,13 @@ import torch
 
 from d2f.decoding import DecodeConfig, generate
 from d2f.decoding.config import parse_options
-from d2f.decoding.fast_dllm import FastDLLMOptions, factor_commit, factor_count, threshold_commit
+from d2f.decoding.fast_dllm import (
+    FastDLLMOptions,
+    confidence_dtype,
+    factor_commit,
+    factor_count,
+    threshold_commit,
+)
 from d2f.family import family_of
 from d2f.models import load_model
 
@@ -156,6 +162,16 @@ def test_threshold_rule_table():
     got = threshold_commit(conf, masked, 0.9)
     want = [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     assert got.int().tolist() == want
+
+
+def test_confidence_precision_is_upstreams(models):
+    """LLaDA's confidences in float64, Dream's in the model's dtype; `precision` overrides."""
+    llada, dream = family_of(models["llada"][0]), family_of(models["dream"][0])
+    assert confidence_dtype("auto", llada, torch.bfloat16) == torch.float64
+    assert confidence_dtype("auto", dream, torch.bfloat16) == torch.bfloat16
+    assert confidence_dtype("float32", llada, torch.bfloat16) == torch.float32
+    assert confidence_dtype("float64", dream, torch.bfloat16) == torch.float64
+    assert confidence_dtype("model", llada, torch.bfloat16) == torch.bfloat16
 
 
 # --- whole decodes ------------------------------------------------------------------------------

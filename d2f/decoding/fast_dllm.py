@@ -123,12 +123,14 @@ def factor_commit(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
     return torch.zeros_like(masked).scatter(1, order, top) & masked
 
 
-def _conf_dtype(opts: FastDLLMOptions, family: Family, logits: Tensor) -> torch.dtype:
-    if opts.precision == "float64" or (opts.precision == "auto" and not family.shift_logits):
+def confidence_dtype(precision: str, family: Family, logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax behind `conf`: `auto` is upstream's, LLaDA float64 and Dream
+    (a shifted family) the model's own dtype."""
+    if precision == "float64" or (precision == "auto" and not family.shift_logits):
         return torch.float64  # LLaDA upstream: softmax in float64
-    if opts.precision == "float32":
+    if precision == "float32":
         return torch.float32
-    return logits.dtype  # Dream upstream: the model's dtype
+    return logits_dtype  # Dream upstream: the model's dtype
 
 
 def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
@@ -137,7 +139,7 @@ def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tenso
     The mask id is never predicted (x0 is the arg-max over the other ids), but conf is its
     probability under the full softmax, as upstream computes it.
     """
-    probs = logits.to(_conf_dtype(opts, family, logits)).softmax(-1)  # (b, W, V)
+    probs = logits.to(confidence_dtype(opts.precision, family, logits.dtype)).softmax(-1)
     if cfg.temperature > 0:
         x0 = predict(logits, cfg, mask_id, gen)[0]
     else:
