@@ -1,4 +1,4 @@
-"""lm-eval model args `options.KEY=VALUE`: a strategy's own settings reach `DecodeConfig.options`."""
+"""lm-eval model args `options.KEY=VALUE`: a strategy's own settings reach DecodeConfig.options."""
 
 import pytest
 from lm_eval.utils import simple_parse_args_string
