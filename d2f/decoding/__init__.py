@@ -14,6 +14,7 @@ from d2f.decoding.config import (
     RowStats,
     StepEvent,
 )
+from d2f.decoding.fast_dllm import FastDLLMOptions
 
 __all__ = [
     "DECODERS",
@@ -22,6 +23,7 @@ __all__ = [
     "DecodeConfig",
     "DecodeOutput",
     "DecodeStats",
+    "FastDLLMOptions",
     "RowStats",
     "StepEvent",
     "encode_prompts",
