@@ -80,7 +80,8 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
     table = (out / "results" / "table.md").read_text()
     for row in (
         "vanilla dLLM",
-        "Fast-dLLM style",
+        "Fast-dLLM v1 (prefix cache)",
+        "Fast-dLLM v1 (dual cache)",
         "D2F, no distillation",
         "D2F cache-only",
         "D2F pipelined",

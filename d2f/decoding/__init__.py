@@ -15,6 +15,7 @@ from d2f.decoding.config import (
     StepEvent,
 )
 from d2f.decoding.d3llm import D3LLMOptions
+from d2f.decoding.fast_dllm import FastDLLMOptions
 
 __all__ = [
     "D3LLMOptions",
@@ -24,6 +25,7 @@ __all__ = [
     "DecodeConfig",
     "DecodeOutput",
     "DecodeStats",
+    "FastDLLMOptions",
     "RowStats",
     "StepEvent",
     "encode_prompts",

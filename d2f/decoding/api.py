@@ -6,7 +6,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
-from d2f.decoding.baselines import ar_decode, fast_dllm_decode, vanilla_decode
+from d2f.decoding.baselines import ar_decode, vanilla_decode
 from d2f.decoding.common import Recorder
 from d2f.decoding.config import (
     PAPER_MAX_NEW_TOKENS,
@@ -17,6 +17,7 @@ from d2f.decoding.config import (
     StepEvent,
 )
 from d2f.decoding.d3llm import d3llm_decode
+from d2f.decoding.fast_dllm import fast_dllm_decode
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
 from d2f.family import Family, family_of

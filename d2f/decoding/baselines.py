@@ -5,10 +5,6 @@
   (no cache), committing the `n` most confident masked positions of the current block
   (low-confidence remasking; `remasking="random"` picks them at random). Like the original, it
   always decodes the full length.
-* `fast_dllm_decode`: Fast-dLLM style: blocks one after another; each block starts with a full
-  bidirectional forward whose prefix KV is cached, then forwards `[block | suffix]` over that
-  prefix cache, committing every prediction above tau_conf (at least one per step). The prefix
-  cache was computed while later blocks were masks: approximate, as that method is.
 * `ar_decode`: greedy (or sampled) next-token decoding of a causal model with a KV cache.
 """
 
@@ -21,14 +17,12 @@ from transformers import DynamicCache
 from d2f.decoding.common import (
     Batch,
     Recorder,
-    commit,
     drop_finished,
-    ended_rows,
     forward,
     predict,
     seeded_generator,
 )
-from d2f.decoding.config import BlockState, DecodeConfig
+from d2f.decoding.config import DecodeConfig
 from d2f.family import Family
 from d2f.mask import block_ids, causal_mask, full_mask
 
@@ -68,50 +62,6 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
             batch.answer[:] = torch.where(chosen, x0, batch.answer)
             rec.emit(batch, chosen)
     rec.finish(batch, torch.ones(B, dtype=torch.bool, device=device))
-    rec.close()
-
-
-@torch.no_grad()
-def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
-    device = next(model.parameters()).device
-    mask_id, bs = family.mask_token_id, cfg.block_size
-    end_ids = torch.tensor(family.end_token_ids, device=device)
-    gen = seeded_generator(cfg, device)
-    batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
-    P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
-    ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)
-    rec.prefill_done()
-    for k in range(cfg.num_blocks):
-        done = ended_rows(batch.answer, mask_id, end_ids)
-        fin = done.tolist()
-        if any(fin):
-            keep = drop_finished(rec, batch, done, fin)
-            if keep is None:
-                break
-            ids = ids[keep]
-        start, end = P + k * bs, P + (k + 1) * bs
-        cache = DynamicCache(config=model.config)
-        logits = forward(model, rec, batch, full_mask(ids), 0, L, cache)  # (B, L, V)
-        cache.crop(-(L - start))  # keep the prefix only
-        carry = logits[:, start - 1]  # (B, V): predicts the block's first token (Dream)
-        preds = family.align_logits(logits)[:, start:end]  # (B, bs, V)
-        one_full_block = torch.full((batch.x.shape[0], 1), BlockState.FULL, device=device)
-        while True:
-            blk = batch.x[:, start:end]  # (B, bs)
-            x0, conf, score = predict(preds, cfg, mask_id, gen)
-            chosen = commit(blk, one_full_block, x0, conf, score, mask_id, cfg)  # (B, bs)
-            blk = torch.where(chosen, x0, blk)
-            batch.x[:, start:end] = blk
-            committed = torch.zeros_like(batch.answer, dtype=torch.bool)
-            committed[:, start - P : end - P] = chosen
-            rec.emit(batch, committed)
-            if not bool((blk == mask_id).any()):  # one sync per step
-                break
-            logits = forward(model, rec, batch, full_mask(ids, start, L), start, L, cache)
-            cache.crop(-(L - start))
-            preds = family.align_logits(logits, carry)[:, : end - start]  # (B, bs, V)
-    if batch.x.shape[0]:
-        rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()
 
 

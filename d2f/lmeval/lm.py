@@ -7,7 +7,9 @@
 Model args: `pretrained`, `adapter`, `merge_adapter` (default true: LoRA folded into the weights for
 speed), `dtype`, `device`, `attn_implementation`, `mc_samples` (loglikelihood), `seed`, `add_bos`,
 `stats_dir` (set by `python -m d2f.eval` from --output_path),
-and every `DecodeConfig` field (`strategy` picks D2F or a baseline).
+and every `DecodeConfig` field (`strategy` picks D2F or a baseline). A strategy's own settings
+come as `options.KEY=VALUE` (e.g. `strategy=fast_dllm,options.cache=dual,options.threshold=0.9`),
+typed by the strategy's options class (`d2f.decoding.config.parse_options`).
 
 - Construction checks every argument, reads config.json and the tokenizer, and checks the strategy
   against the model family; the weights load at the first request, so lm-eval's own checks of the
@@ -44,6 +46,7 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from d2f.decoding import DecodeConfig, generate
+from d2f.decoding.config import parse_options
 from d2f.family import Family, detect_spec
 from d2f.lmeval.stats import SpeedLog
 from d2f.mask import block_ids, full_mask, to_additive
@@ -51,6 +54,38 @@ from d2f.models import load_model, load_tokenizer, read_config
 from d2f.paths import is_local, missing
 
 _DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
+_OPTION_PREFIX = "options."
+
+
+def _as_text(value) -> str:
+    """A model-arg value back as its text: lm-eval reads "none" / "None" as None."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def gather_options(decode_kwargs: dict) -> dict:
+    """Move the `options.KEY=VALUE` model args out of `decode_kwargs` into `options`.
+
+    lm-eval hands numbers, booleans and "none" over already typed (0.9, True, None): they go back
+    to text and are typed again by the strategy's options class, so a wrong key or value names
+    the option.
+    """
+    keys = [k for k in decode_kwargs if k.startswith(_OPTION_PREFIX)]
+    if not keys:
+        return decode_kwargs
+    if "options" in decode_kwargs:
+        raise ValueError("d2f model_args: give options either as options.KEY=VALUE or options=")
+    out = {k: v for k, v in decode_kwargs.items() if k not in keys}
+    strategy = out.get("strategy", DecodeConfig.strategy)
+    items = [f"{k[len(_OPTION_PREFIX) :]}={_as_text(decode_kwargs[k])}" for k in keys]
+    try:
+        out["options"] = parse_options(strategy, items)
+    except ValueError as err:
+        raise ValueError(f"d2f model_args: {err}") from None
+    return out
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:
@@ -111,6 +146,7 @@ class D2FLM(TemplateLM):
         **decode_kwargs,
     ):
         super().__init__()
+        decode_kwargs = gather_options(decode_kwargs)
         unknown = sorted(set(decode_kwargs) - _DECODE_FIELDS)
         if unknown:
             raise ValueError(f"d2f model_args: unknown {unknown}; known: {known_model_args()}")

@@ -4,7 +4,8 @@ From the pretrained miniature teacher that ships with the package (LLaDA format)
 D2F student with the real trainer (`python -m d2f.train`, LoRA, ramp schedule, distillation loss),
 then evaluates every row of the paper's comparison through lm-eval on the held-out split:
 
-  vanilla dLLM (teacher) | Fast-dLLM style (teacher) | D2F without distillation (teacher) |
+  vanilla dLLM (teacher) | Fast-dLLM v1, prefix and dual cache (teacher) |
+  D2F without distillation (teacher) |
   D2F cache-only (student) | D2F pipelined (student) | autoregressive baseline (shipped AR)
 
 at batch 1 and at a large batch, and writes the table (markdown + CSV) and a decode picture to
@@ -42,6 +43,10 @@ D2F_DECODE = {
 }
 
 
+# Fast-dLLM v1 with the authors' threshold rule (0.9, via tau_conf), blocks of 8 as vanilla's
+FAST_DLLM_DECODE = {"strategy": "fast_dllm", "block_size": 8, "max_new_tokens": 24, "tau_conf": 0.9}
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -52,9 +57,14 @@ class Row:
 ROWS = (
     Row("vanilla dLLM", "teacher", {"strategy": "vanilla", "block_size": 8, "max_new_tokens": 24}),
     Row(
-        "Fast-dLLM style",
+        "Fast-dLLM v1 (prefix cache)",
         "teacher",
-        {"strategy": "fast_dllm", "block_size": 8, "max_new_tokens": 24, "tau_conf": 0.9},
+        {**FAST_DLLM_DECODE, "options": {"cache": "prefix"}},
+    ),
+    Row(
+        "Fast-dLLM v1 (dual cache)",
+        "teacher",
+        {**FAST_DLLM_DECODE, "options": {"cache": "dual"}},
     ),
     Row("D2F, no distillation", "teacher", {"strategy": "d2f", **D2F_DECODE}),
     Row("D2F cache-only", "student", {"strategy": "cache_only", **D2F_DECODE}),

@@ -1,0 +1,277 @@
+"""Fast-dLLM v1 as released (NVlabs/Fast-dLLM, arXiv 2505.22618): strategy `fast_dllm`.
+
+Blocks are decoded one after another (semi-autoregressive). Each block starts with one full
+bidirectional forward over the whole sequence; then the block is refined, one forward per step,
+until it has no mask left. Per step the parallel rule picks what to commit:
+
+* threshold: every masked position of the block whose probability is >= threshold, plus the most
+  confident one (at least one token per step);
+* factor: with the block's masked confidences sorted c[0] >= c[1] >= ..., commit the top k, where
+  k is the first rank m >= 1 with c[m] < 1 - factor / (m + 2) (if none fails, every mask; a
+  failure at the last rank also commits every mask: the released code's off-by-one).
+
+Caches: `none` recomputes the whole sequence every step; `prefix` keeps the KV of the columns
+before the block from the block-start forward and forwards `[block | later masks]`; `dual` also
+keeps the later columns' KV and forwards the block alone. Both caches are approximate (their KV
+was computed while the block was still masked), as in the released code; the cache is rebuilt at
+every block start. LLaDA commits from the block-start forward with the parallel rule; Dream (as
+released) commits only the block's first token there, unconditionally, and its confidences are in
+the model's dtype (LLaDA's in float64). Every block is decoded unless `early_stop` is set.
+Where this port departs from the released code, and why, is in docs/decoding.md ("Fast-dLLM v1").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from d2f.decoding.common import (
+    Batch,
+    Recorder,
+    drop_finished,
+    ended_rows,
+    forward,
+    predict,
+    seeded_generator,
+)
+from d2f.decoding.config import DecodeConfig, strategy_options
+from d2f.family import Family
+from d2f.mask import block_ids, full_mask
+
+RULES = ("threshold", "factor")
+CACHES = ("none", "prefix", "dual")
+PRECISIONS = ("auto", "float64", "float32", "model")
+
+
+@strategy_options("fast_dllm")
+@dataclass(frozen=True)
+class FastDLLMOptions:
+    """Settings of `fast_dllm`; defaults are the authors' scripts' (threshold 0.9, factor 1.0)."""
+
+    rule: Literal["threshold", "factor"] = "threshold"  # the parallel commit rule
+    threshold: float | None = None  # threshold rule: commit prob >= this; None = cfg.tau_conf
+    factor: float = 1.0  # factor rule: rank m (0-based) needs prob >= 1 - factor / (m + 2)
+    cache: Literal["none", "prefix", "dual"] = "dual"  # KV reuse inside a block
+    early_stop: bool = False  # drop a row at a block start once it has an end token
+    precision: Literal["auto", "float64", "float32", "model"] = (
+        "auto"  # auto: LLaDA fp64, Dream model
+    )
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"fast_dllm option rule must be one of {RULES}, got {self.rule!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"fast_dllm option cache must be one of {CACHES}, got {self.cache!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"fast_dllm option precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+        if not isinstance(self.early_stop, bool):
+            raise TypeError(
+                f"fast_dllm option early_stop must be True or False, got {self.early_stop!r}"
+            )
+        for name in ("threshold", "factor"):
+            value = getattr(self, name)
+            if value is None and name == "threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"fast_dllm option {name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"fast_dllm option {name} must be finite and >= 0, got {value}")
+        if self.factor == 0:
+            raise ValueError("fast_dllm option factor must be > 0 (0 would commit every mask)")
+
+
+def threshold_commit(conf: Tensor, masked: Tensor, threshold: float) -> Tensor:
+    """The threshold rule: (b, W) confidences (-inf off the masks) -> (b, W) bool to commit.
+
+    Every mask with conf >= threshold, plus the first most confident mask of each row that has one.
+    """
+    best = conf.argmax(-1, keepdim=True)  # (b, 1) first maximum, as torch.argmax upstream
+    forced = torch.zeros_like(masked).scatter(1, best, True) & masked.any(-1, keepdim=True)
+    return (masked & (conf >= threshold)) | forced
+
+
+def factor_count(sorted_conf: Tensor, n: Tensor, factor: float) -> Tensor:
+    """How many tokens the factor rule commits: (b, W) confidences sorted descending (the row's
+    n masked ones first), (b,) mask counts -> (b,) long.
+
+    Rank m (0-based) passes when c[m] >= 1 - factor / (m + 2); rank 0 always passes. With m* the
+    first failing rank (n - 1 if none fails), k = m*, plus one when m* is 0 or n - 1: a failure at
+    the last rank still commits all n (the released code's quirk, kept).
+    """
+    W = sorted_conf.shape[-1]
+    ranks = torch.arange(W, device=sorted_conf.device)  # (W,)
+    need = 1 - factor / (ranks.to(sorted_conf.dtype) + 2)
+    need[0] = -1.0
+    fail = (sorted_conf < need) & (ranks[None] < n[:, None])  # (b, W)
+    first = torch.where(fail, ranks, W).min(-1).values  # (b,)
+    k = torch.where(first < W, first, n - 1)
+    return k + ((k == 0) | (k == n - 1)).long()
+
+
+def factor_commit(conf: Tensor, masked: Tensor, factor: float) -> Tensor:
+    """The factor rule: (b, W) confidences (-inf off the masks) -> (b, W) bool, the top k."""
+    values, order = conf.sort(dim=-1, descending=True, stable=True)  # (b, W)
+    k = factor_count(values, masked.sum(-1), factor)  # (b,)
+    top = torch.arange(conf.shape[-1], device=conf.device)[None] < k[:, None]
+    return torch.zeros_like(masked).scatter(1, order, top) & masked
+
+
+def confidence_dtype(precision: str, family: Family, logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax behind `conf`: `auto` is upstream's, LLaDA float64 and Dream
+    (a shifted family) the model's own dtype."""
+    if precision == "float64" or (precision == "auto" and not family.shift_logits):
+        return torch.float64  # LLaDA upstream: softmax in float64
+    if precision == "float32":
+        return torch.float32
+    return logits_dtype  # Dream upstream: the model's dtype
+
+
+def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
+    """(b, W, V) logits -> x0 (b, W) long, conf (b, W): the raw-logit probability of x0.
+
+    The mask id is never predicted (x0 is the arg-max over the other ids), but conf is its
+    probability under the full softmax, as upstream computes it.
+    """
+    probs = logits.to(confidence_dtype(opts.precision, family, logits.dtype)).softmax(-1)
+    if cfg.temperature > 0:
+        x0 = predict(logits, cfg, mask_id, gen)[0]
+    else:
+        x0 = probs.index_fill(-1, torch.tensor([mask_id], device=probs.device), -1.0).argmax(-1)
+    return x0, probs.gather(-1, x0[..., None])[..., 0]
+
+
+def _dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
+    """The block-start cache of all L columns -> [0, s) and [e, L): the block goes at the end."""
+    data = [
+        (
+            torch.cat([layer.keys[:, :, :s], layer.keys[:, :, e:]], 2),
+            torch.cat([layer.values[:, :, :s], layer.values[:, :, e:]], 2),
+        )
+        for layer in cache.layers
+    ]
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _keep(cache: DynamicCache, n: int) -> None:
+    """Keep the first `n` cached columns (transformers' crop takes how many to remove)."""
+    extra = cache.get_seq_length() - n
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
+    """(B, bs, L) bool: the block's queries over keys ordered [prefix | suffix | block]."""
+    m = full_mask(ids, s, e)  # (B, bs, L), keys in column order
+    return torch.cat([m[..., :s], m[..., e:], m[..., s:e]], -1)
+
+
+@dataclass
+class _Block:
+    """One block's decoding context: the rows still masked in it and their cache."""
+
+    s: int
+    e: int
+    cache: DynamicCache | None
+    carry: Tensor  # (b, V) logits just before the block (Dream's shift), from the block start
+    act: Tensor  # (b,) long, batch rows whose block still has a mask
+
+
+@torch.no_grad()
+def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder) -> None:
+    """Fast-dLLM v1 decoding of `prompts` (token id lists) into `rec` (see the module doc)."""
+    opts: FastDLLMOptions = cfg.options
+    device = next(model.parameters()).device
+    mask_id, bs = family.mask_token_id, cfg.block_size
+    end_ids = torch.tensor(family.end_token_ids, device=device)
+    thr = cfg.tau_conf if opts.threshold is None else opts.threshold
+    gen = seeded_generator(cfg, device)
+    batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
+    P, B = batch.prompt_len, len(prompts)
+    ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
+    rec.prefill_done()  # no prefill: every block starts with a full forward
+
+    def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
+        x0, conf = _tokens(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
+        masked = blk == mask_id
+        conf = conf.masked_fill(~masked, float("-inf"))
+        if opts.rule == "threshold":
+            return x0, threshold_commit(conf, masked, thr)
+        return x0, factor_commit(conf, masked, opts.factor)
+
+    def apply(rows: Tensor, s: int, x0: Tensor, chosen: Tensor) -> None:
+        blk = batch.x[rows, s : s + bs]  # (b, bs)
+        batch.x[rows, s : s + bs] = torch.where(chosen, x0, blk)
+        committed = torch.zeros_like(batch.answer, dtype=torch.bool)  # (B, G)
+        committed[rows, s - P : s - P + bs] = chosen
+        rec.emit(batch, committed)
+
+    for k in range(cfg.num_blocks):
+        if opts.early_stop:
+            done = ended_rows(batch.answer, mask_id, end_ids)
+            fin = done.tolist()
+            if any(fin):
+                keep = drop_finished(rec, batch, done, fin)
+                if keep is None:
+                    break
+                ids = ids[keep]
+        blk = _start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
+        while blk.act.numel():
+            _refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
+    if batch.x.shape[0]:
+        rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
+    rec.close()
+
+
+def _start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> _Block:
+    """The block-start full forward, its commit, and the cache the refinement steps reuse."""
+    e, L = s + bs, batch.x.shape[1]
+    rows = torch.arange(batch.x.shape[0], device=batch.x.device)
+    cache = None if opts.cache == "none" else DynamicCache(config=model.config)
+    logits = forward(model, rec, batch, full_mask(ids), 0, L, cache)  # (B, L, V)
+    preds = family.align_logits(logits)[:, s:e]  # (B, bs, V)
+    x0, chosen = choose(preds, batch.x[:, s:e])
+    if family.shift_logits:  # Dream as released: only the block's first token, unconditionally
+        chosen = torch.zeros_like(chosen)
+        chosen[:, 0] = True
+    apply(rows, s, x0, chosen)
+    if opts.cache == "prefix":
+        _keep(cache, s)
+    elif opts.cache == "dual":
+        cache = _dual_cache(cache, s, e, model.config)
+    act = rows[(batch.x[:, s:e] == family.mask_token_id).any(-1)]
+    if act.numel() < rows.numel() and cache is not None:
+        cache.batch_select_indices(act)
+    return _Block(s, e, cache, logits[act, s - 1], act)
+
+
+def _refine(model, rec, batch, ids, blk: _Block, opts, family, choose, apply, mask_id) -> None:
+    """One refinement step over the rows still masked in the block; rows that complete it leave
+    the step's sub-batch (and the cache), so they cost no more forwards in this block."""
+    s, e, L, act = blk.s, blk.e, batch.x.shape[1], blk.act
+    sub = Batch(batch.x[act], batch.valid[act], batch.pos[act], batch.rows[act], batch.prompt_len)
+    if opts.cache == "none":
+        logits = forward(model, rec, sub, full_mask(ids[act]), 0, L)  # (b, L, V)
+        preds = family.align_logits(logits)[:, s:e]
+    elif opts.cache == "prefix":
+        logits = forward(model, rec, sub, full_mask(ids[act], s, L), s, L, blk.cache)  # (b, L-s, V)
+        _keep(blk.cache, s)
+        preds = family.align_logits(logits, blk.carry)[:, : e - s]
+    else:
+        logits = forward(model, rec, sub, _dual_mask(ids[act], s, e), s, e, blk.cache)  # (b, bs, V)
+        _keep(blk.cache, L - (e - s))
+        preds = family.align_logits(logits, blk.carry)
+    x0, chosen = choose(preds, sub.x[:, s:e])
+    apply(act, s, x0, chosen)
+    left = (batch.x[act, s:e] == mask_id).any(-1)  # (b,)
+    if not bool(left.all()):  # one sync per step
+        keep = left.nonzero()[:, 0]
+        if blk.cache is not None:
+            blk.cache.batch_select_indices(keep)
+        blk.act, blk.carry = act[keep], blk.carry[keep]
