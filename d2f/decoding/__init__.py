@@ -14,6 +14,7 @@ from d2f.decoding.config import (
     RowStats,
     StepEvent,
 )
+from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
 
 __all__ = [
     "DECODERS",
@@ -22,6 +23,7 @@ __all__ = [
     "DecodeConfig",
     "DecodeOutput",
     "DecodeStats",
+    "FastDLLMv2Options",
     "RowStats",
     "StepEvent",
     "encode_prompts",

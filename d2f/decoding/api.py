@@ -16,6 +16,7 @@ from d2f.decoding.config import (
     RowStats,
     StepEvent,
 )
+from d2f.decoding.fast_dllm_v2 import fast_dllm_v2_decode
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
 from d2f.family import Family, family_of
@@ -27,6 +28,7 @@ DECODERS: dict[str, Callable] = {
     "fast_dllm": fast_dllm_decode,
     "ar": ar_decode,
     "reference": reference_decode,
+    "fast_dllm_v2": fast_dllm_v2_decode,
 }
 
 

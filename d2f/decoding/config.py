@@ -15,8 +15,16 @@ from typing import Literal
 
 import torch
 
-Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference"]
-STRATEGIES: tuple[str, ...] = ("d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference")
+Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference", "fast_dllm_v2"]
+STRATEGIES: tuple[str, ...] = (
+    "d2f",
+    "cache_only",
+    "vanilla",
+    "fast_dllm",
+    "ar",
+    "reference",
+    "fast_dllm_v2",
+)
 
 
 # A strategy with settings of its own registers one small frozen dataclass here (its name ->
