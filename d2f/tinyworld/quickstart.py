@@ -60,6 +60,16 @@ ROWS = (
     Row("D2F cache-only", "student", {"strategy": "cache_only", **D2F_DECODE}),
     Row("D2F pipelined", "student", {"strategy": "d2f", **D2F_DECODE}),
     Row("autoregressive", "ar", {"strategy": "ar", "block_size": 8, "max_new_tokens": 24}),
+    Row(
+        "Fast-dLLM v2",
+        "student",
+        {
+            "strategy": "fast_dllm_v2",
+            "block_size": 4,  # the student's block size (D2F_DECODE)
+            "max_new_tokens": 24,
+            "options": {"sub_block_size": 2, "threshold": 0.9},  # sub-blocks of half a block
+        },
+    ),
 )
 
 
