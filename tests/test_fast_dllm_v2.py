@@ -217,3 +217,55 @@ def test_options_validated_before_any_forward(models):
         assert counter.calls == 0
     finally:
         counter.handle.remove()
+
+
+def _lengths(model):
+    """Input lengths of every model call (a forward pre-hook)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_block_cache_with_one_sub_block_is_exact(models, fam):
+    """With one sub-block per block, a stale-cache step feeds the whole block: every key is
+    fresh, so use_block_cache changes nothing (the stale keys of the slot must be left out)."""
+    model = models[fam]
+    prompts = _prompts((5, 9, 3))
+    for thr in (0.3, 0.9):
+        exact = generate(model, prompts, _cfg(bs=4, sbs=4, thr=thr, n=24))
+        cfg = DecodeConfig(
+            strategy="fast_dllm_v2",
+            block_size=4,
+            max_new_tokens=24,
+            options={"sub_block_size": 4, "threshold": thr, "use_block_cache": True},
+        )
+        cached = generate(model, prompts, cfg)
+        assert cached.tokens == exact.tokens
+        assert cached.stats.forwards == exact.stats.forwards
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_block_cache_batch_equals_alone(models, fam):
+    """Rows refresh the block cache on their own (a sub-block whose first token is undecoded):
+    a ragged batch mixes refreshing and stale rows in one call and still gives each row its
+    alone tokens; sub-block-only calls (the saving) really happen."""
+    model = models[fam]
+    prompts = _prompts((5, 9, 3, 12))
+    seen, handle = _lengths(model)
+    try:
+        for thr in (0.3, 0.9):
+            cfg = DecodeConfig(
+                strategy="fast_dllm_v2",
+                block_size=8,
+                max_new_tokens=24,
+                options={"sub_block_size": 2, "threshold": thr, "use_block_cache": True},
+            )
+            out = generate(model, prompts, cfg)
+            assert out.tokens == [generate(model, [p], cfg).tokens[0] for p in prompts]
+    finally:
+        handle.remove()
+    assert 2 in seen, "no sub-block-only forward: the stale block cache was never used"
