@@ -269,3 +269,69 @@ def test_block_cache_batch_equals_alone(models, fam):
     finally:
         handle.remove()
     assert 2 in seen, "no sub-block-only forward: the stale block cache was never used"
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_stale_step_sees_the_released_keys(models, fam):
+    """Logits of one block-cache step against the cache API used directly: a stale row's
+    sub-block attends [prefix | the old block KV outside the sub-block | its own fresh KV]; a row
+    that refreshes in the same call sees only the fresh block; the returned block KV keeps the old
+    columns of a stale row and takes every fresh column of a refreshing one."""
+    from transformers import DynamicCache
+
+    from d2f.decoding.common import Batch, Recorder, forward
+    from d2f.decoding.fast_dllm_v2 import _block_forward, _stale_forward
+
+    model = models[fam]
+    mask, pad = family_of(model).mask_token_id, family_of(model).pad_token_id
+    bs, sbs = 4, 2
+    batch = Batch.create([[11, 12, 13, 14, 15], [20, 21, 22]], bs, mask, pad, "cpu")  # ragged
+    P = batch.prompt_len
+    start, end, s0, s1 = P, P + bs, P + sbs, P + bs  # sub-block 1 of block 0
+    ids = block_ids(batch.valid, torch.full((2,), P), bs)
+    rec = Recorder(2, bs, "cpu")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        forward(model, rec, batch, block_causal_mask(ids[:, :P]), 0, P, cache)
+        prefix = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        batch.x[:, start:end] = torch.tensor([mask, mask, 42, mask])  # state A
+        _, old = _block_forward(model, rec, batch, ids, start, end, cache)
+        old = [(k.clone(), v.clone()) for k, v in old]
+        batch.x[:, start:end] = torch.tensor([40, 41, 42, mask])  # B: sub-block 0 decoded since
+        fresh_logits, fresh = _block_forward(model, rec, batch, ids, start, end, cache)
+        fresh = [(k.clone(), v.clone()) for k, v in fresh]
+
+        def released(b):  # row b's sub-block over [prefix | old KV of sub-block 0 | itself]
+            ref = DynamicCache(config=model.config)
+            for i, ((pk, pv), (ok, ov)) in enumerate(zip(prefix, old, strict=True)):
+                ref.update(
+                    torch.cat([pk[b : b + 1], ok[b : b + 1, :, :sbs]], -2),
+                    torch.cat([pv[b : b + 1], ov[b : b + 1, :, :sbs]], -2),
+                    i,
+                )
+            keys = torch.cat([batch.valid[b, :P], torch.ones(2 * sbs, dtype=torch.bool)])
+            logits = model(
+                input_ids=batch.x[b : b + 1, s0:s1],
+                position_ids=batch.pos[b : b + 1, s0:s1],
+                attention_mask=to_additive(keys.expand(1, sbs, -1)),
+                cache=ref,
+                use_cache=True,
+            ).logits
+            return logits, [layer.keys[0, :, -sbs:] for layer in ref.layers]
+
+        stale = torch.tensor([False, False])
+        logits, lo, kv = _stale_forward(model, rec, batch, ids, start, s0, s1, stale, cache, old)
+        assert lo == s0 and cache.get_seq_length() == P
+        for b in (0, 1):
+            torch.testing.assert_close(logits[b : b + 1], released(b)[0], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(logits, fresh_logits[:, sbs:], atol=1e-3), "stale == fresh"
+        mixed = torch.tensor([False, True])
+        logits, lo, kv = _stale_forward(model, rec, batch, ids, start, s0, s1, mixed, cache, old)
+        assert lo == start
+        want, want_kv = released(0)
+        torch.testing.assert_close(logits[:1, s0 - lo :], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[1], fresh_logits[1], atol=1e-4, rtol=1e-4)
+        for (k, _), (ok, _), (fk, _), wk in zip(kv, old, fresh, want_kv, strict=True):
+            torch.testing.assert_close(k[0, :, :sbs], ok[0, :, :sbs])  # stale row: old kept
+            torch.testing.assert_close(k[0, :, sbs:], wk, atol=1e-4, rtol=1e-4)  # ... and its own
+            torch.testing.assert_close(k[1], fk[1], atol=1e-4, rtol=1e-4)  # refreshed row

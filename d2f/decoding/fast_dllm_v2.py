@@ -14,6 +14,10 @@ model block by block over an exact KV cache, and each block sub-block by sub-blo
       block complete: one more forward of the block appends its exact KV to the cache (its last
           column's logits predict the next block's first token).
 
+`use_block_cache=True` adds the authors' stale block cache: the block's KV from its last
+full-block forward is kept; while a sub-block's first token is decoded, only the sub-block is fed,
+over [prefix | that KV, its own slot replaced by fresh KV]; each row refreshes on its own.
+
 Rows are block-synchronous: a row whose sub-block is complete waits (its tokens do not change)
 while the others finish theirs. A row stops when an end token is decoded with nothing undecoded
 before it and leaves the batch and the cache. The block layout is d2f's (blocks start at each
