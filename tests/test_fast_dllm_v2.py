@@ -196,17 +196,16 @@ def test_batch_equals_alone_and_forwards_counted(models, fam):
 
 def test_options_validated_before_any_forward(models):
     model = models["llada"]
-    assert DecodeConfig(strategy="fast_dllm_v2").options == FastDLLMv2Options(8, 0.9)
-    assert parse_options("fast_dllm_v2", ["sub_block_size=2", "threshold=0.5"]) == {
-        "sub_block_size": 2,
-        "threshold": 0.5,
-    }
+    assert DecodeConfig(strategy="fast_dllm_v2").options == FastDLLMv2Options(8, 0.9, False)
+    got = parse_options("fast_dllm_v2", ["sub_block_size=2", "threshold=0.5", "use_block_cache=1"])
+    assert got == {"sub_block_size": 2, "threshold": 0.5, "use_block_cache": True}
     for opts, err, match in [
         ({"sub_block_size": 0}, ValueError, "sub_block_size must be > 0"),
         ({"sub_block_size": True}, TypeError, "sub_block_size must be an int"),
         ({"threshold": 1.5}, ValueError, r"threshold must be in \[0, 1\]"),
         ({"threshold": float("nan")}, ValueError, r"threshold must be in \[0, 1\]"),
         ({"small_block_size": 8}, ValueError, "unknown fast_dllm_v2 options"),
+        ({"use_block_cache": "yes"}, TypeError, "use_block_cache must be True or False"),
     ]:
         with pytest.raises(err, match=match):
             DecodeConfig(strategy="fast_dllm_v2", block_size=4, options=opts)

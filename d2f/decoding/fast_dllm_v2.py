@@ -74,6 +74,11 @@ class FastDLLMv2Options:
             raise ValueError(
                 f"fast_dllm_v2 option threshold must be in [0, 1], got {self.threshold}"
             )
+        if not isinstance(self.use_block_cache, bool):
+            raise TypeError(
+                "fast_dllm_v2 option use_block_cache must be True or False, got "
+                f"{self.use_block_cache!r}"
+            )
 
 
 def check_options(opts: FastDLLMv2Options, cfg: DecodeConfig) -> None:
