@@ -16,6 +16,7 @@ from d2f.decoding.config import (
 )
 from d2f.decoding.d3llm import D3LLMOptions
 from d2f.decoding.fast_dllm import FastDLLMOptions
+from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
 
 __all__ = [
     "D3LLMOptions",
@@ -26,6 +27,7 @@ __all__ = [
     "DecodeOutput",
     "DecodeStats",
     "FastDLLMOptions",
+    "FastDLLMv2Options",
     "RowStats",
     "StepEvent",
     "encode_prompts",

@@ -15,7 +15,9 @@ from typing import Literal
 
 import torch
 
-Strategy = Literal["d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference", "d3llm"]
+Strategy = Literal[
+    "d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference", "d3llm", "fast_dllm_v2"
+]
 STRATEGIES: tuple[str, ...] = (
     "d2f",
     "cache_only",
@@ -24,6 +26,7 @@ STRATEGIES: tuple[str, ...] = (
     "ar",
     "reference",
     "d3llm",
+    "fast_dllm_v2",
 )
 
 

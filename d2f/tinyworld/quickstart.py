@@ -74,6 +74,16 @@ ROWS = (
     Row(
         "d3LLM multi-block", "teacher", {"strategy": "d3llm", "block_size": 8, "max_new_tokens": 24}
     ),
+    Row(
+        "Fast-dLLM v2",
+        "student",
+        {
+            "strategy": "fast_dllm_v2",
+            "block_size": 4,  # the student's block size (D2F_DECODE)
+            "max_new_tokens": 24,
+            "options": {"sub_block_size": 2, "threshold": 0.9},  # sub-blocks of half a block
+        },
+    ),
 )
 
 
