@@ -119,7 +119,9 @@ def test_bad_value_fails_fast_naming_the_key(override, key):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=key):
         load_config("llada", [override])
-    assert time.perf_counter() - start < 1.0
+    # composition + validation only (no weights, no data): well under a second on an idle machine;
+    # 5 s leaves room for a loaded 2-core CI box
+    assert time.perf_counter() - start < 5.0
 
 
 def test_wrong_type_fails_naming_the_key():
