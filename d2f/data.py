@@ -82,27 +82,35 @@ def load_records(cfg: DataConfig):
     return records
 
 
-def _check_jsonl(path: Path, key: str, names: dict[str, str]) -> None:
-    """Every non-blank line is a JSON object with a non-null value for each field (else an error
-    naming the file and line); at least one record. names: config key -> field name."""
-    records, first_keys, bad, seen = 0, None, {}, set()
-    with path.open(encoding="utf-8") as f:
+def iter_jsonl(path: Path, where: str = ""):
+    """(line number, record) for every non-blank line of a JSON-lines file; a line that is not a
+    JSON object is an error naming the file and line (`where`, e.g. a config key, is appended)."""
+    tag = f" [{where}]" if where else ""
+    with Path(path).open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}) [{key}]") from None
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}){tag}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object [{key}]")
-            first_keys = list(record) if first_keys is None else first_keys
-            for name in names.values():
-                if record.get(name) is not None:
-                    seen.add(name)
-                elif name not in bad:
-                    bad[name] = (number, "is null" if name in record else "is missing")
-            records += 1
+                raise ValueError(f"{path}:{number}: not a JSON object{tag}")
+            yield number, record
+
+
+def _check_jsonl(path: Path, key: str, names: dict[str, str]) -> None:
+    """Every non-blank line is a JSON object with a non-null value for each field (else an error
+    naming the file and line); at least one record. names: config key -> field name."""
+    records, first_keys, bad, seen = 0, None, {}, set()
+    for number, record in iter_jsonl(path, key):
+        first_keys = list(record) if first_keys is None else first_keys
+        for name in names.values():
+            if record.get(name) is not None:
+                seen.add(name)
+            elif name not in bad:
+                bad[name] = (number, "is null" if name in record else "is missing")
+        records += 1
     if records == 0:
         raise ValueError(f"{key}: no records in {path}")
     for field_key, name in names.items():

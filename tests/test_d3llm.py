@@ -17,19 +17,9 @@ from d2f.decoding.d3llm import D3LLMOptions
 from d2f.family import family_of
 from d2f.mask import to_additive
 from d2f.models import load_model
+from tests.decode_helpers import Counter
 
 BS, G = 8, 32
-
-
-class Counter:
-    """Counts model calls with a forward hook, independent of the decoder's own count."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self)
-
-    def __call__(self, *args):
-        self.calls += 1
 
 
 @pytest.fixture(scope="module")

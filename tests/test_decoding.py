@@ -12,6 +12,7 @@ import torch
 from d2f.decoding import DecodeConfig, generate
 from d2f.family import family_of
 from d2f.models import load_model
+from tests.decode_helpers import Counter
 
 SETTINGS = [  # (tau_add, tau_act, tau_conf)
     (0.1, 0.95, 0.9),
@@ -19,20 +20,6 @@ SETTINGS = [  # (tau_add, tau_act, tau_conf)
     (1.0, 0.95, 0.3),  # tau_add = 1: one block at a time
     (0.25, 0.75, 0.6),
 ]
-
-
-class Counter:
-    """Counts model calls (a forward hook, independent of the decoder's own count)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        model.register_forward_hook(self)
-
-    def __call__(self, module, args, kwargs_or_out, out=None):
-        self.calls += 1
-
-    def reset(self):
-        self.calls = 0
 
 
 @pytest.fixture(scope="module")

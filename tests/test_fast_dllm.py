@@ -20,19 +20,9 @@ from d2f.decoding.fast_dllm import (
 )
 from d2f.family import family_of
 from d2f.models import load_model
+from tests.decode_helpers import Counter
 
 NEG = float("-inf")
-
-
-class Counter:
-    """Counts model calls with a forward hook (independent of the decoder's own count)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self)
-
-    def __call__(self, module, args, out):
-        self.calls += 1
 
 
 TEACHER = Path(__file__).resolve().parents[1] / "d2f" / "tinyworld" / "assets" / "teacher"

@@ -15,20 +15,10 @@ from d2f.decoding.config import parse_options
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, position_ids, to_additive
 from d2f.models import load_model
+from tests.decode_helpers import Counter
 
 THRESHOLDS = (0.3, 0.5, 0.9)
 SHARPEN = 40.0  # x12 (tests/test_decoding.py) is too flat for 2-token sub-blocks to commit both
-
-
-class Counter:
-    """Counts model calls with a forward hook (independent of the decoder's own count)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self)
-
-    def __call__(self, module, args, out):
-        self.calls += 1
 
 
 @pytest.fixture(scope="module")

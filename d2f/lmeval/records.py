@@ -7,10 +7,11 @@ missing, empty or malformed data file fails here with its name (and line), not l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
+
+from d2f.data import iter_jsonl
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
@@ -19,18 +20,11 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            absent = [k for k in fields if k not in row]
-            if absent:
-                raise ValueError(f"{path}:{line_no}: record has no {absent}")
-            rows.append(row)
+    for line_no, row in iter_jsonl(path):
+        absent = [k for k in fields if k not in row]
+        if absent:
+            raise ValueError(f"{path}:{line_no}: record has no {absent}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no records (the task would have no documents)")
     return rows
