@@ -159,11 +159,14 @@ def _dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def _keep(cache: DynamicCache, n: int) -> None:
+def keep_columns(cache: DynamicCache, n: int) -> None:
     """Keep the first `n` cached columns (transformers' crop takes how many to remove)."""
     extra = cache.get_seq_length() - n
     if extra > 0:
         cache.crop(-extra)
+
+
+_keep = keep_columns  # the former private name
 
 
 def _dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
@@ -242,7 +245,7 @@ def _start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> 
         chosen[:, 0] = True
     apply(rows, s, x0, chosen)
     if opts.cache == "prefix":
-        _keep(cache, s)
+        keep_columns(cache, s)
     elif opts.cache == "dual":
         cache = _dual_cache(cache, s, e, model.config)
     act = rows[(batch.x[:, s:e] == family.mask_token_id).any(-1)]
@@ -261,11 +264,11 @@ def _refine(model, rec, batch, ids, blk: _Block, opts, family, choose, apply, ma
         preds = family.align_logits(logits)[:, s:e]
     elif opts.cache == "prefix":
         logits = forward(model, rec, sub, full_mask(ids[act], s, L), s, L, blk.cache)  # (b, L-s, V)
-        _keep(blk.cache, s)
+        keep_columns(blk.cache, s)
         preds = family.align_logits(logits, blk.carry)[:, : e - s]
     else:
         logits = forward(model, rec, sub, _dual_mask(ids[act], s, e), s, e, blk.cache)  # (b, bs, V)
-        _keep(blk.cache, L - (e - s))
+        keep_columns(blk.cache, L - (e - s))
         preds = family.align_logits(logits, blk.carry)
     x0, chosen = choose(preds, sub.x[:, s:e])
     apply(act, s, x0, chosen)
