@@ -1,5 +1,7 @@
 """d3LLM multi-block decoding: the released rule (a one-row transliteration written here from the
-pseudo-code), its reduction to block-by-block entropy decoding, early stop, batching, options.
+pseudo-code), its reduction to block-by-block entropy decoding, early stop, batching, options;
+the KV-cache variant: a one-row transliteration of the released cache loop, the schedule worked
+out by hand, never caching == no cache, batched == alone.
 
 The tiny random models are sharpened (lm_head x 60) so that entropies spread below the thresholds
 and parallel, multi-block commits really happen (asserted); Dream gets an end-token bias so that
@@ -13,11 +15,12 @@ import torch
 
 from d2f.decoding import DecodeConfig, generate
 from d2f.decoding.config import parse_options
-from d2f.decoding.d3llm import D3LLMOptions
+from d2f.decoding.d3llm import D3LLMOptions, Pass, plan_cache
 from d2f.family import family_of
 from d2f.mask import to_additive
 from d2f.models import load_model
 from tests.decode_helpers import Counter
+from transformers import DynamicCache
 
 BS, G = 8, 32
 
@@ -135,7 +138,8 @@ def ref_semi_ar_entropy(model, prompt, thr, rule):
 
 
 def _cfg(**kw):
-    opts = {k: kw.pop(k) for k in ("threshold", "early_stop", "rule") if k in kw}
+    names = ("threshold", "early_stop", "rule", "cache_delay_iter", "refresh_interval")
+    opts = {k: kw.pop(k) for k in names if k in kw}
     return DecodeConfig(strategy="d3llm", block_size=BS, max_new_tokens=G, options=opts, **kw)
 
 
@@ -233,7 +237,14 @@ def test_batch_equals_alone_and_finished_rows_stop(models, fam):
 
 
 def test_options_validated():
-    assert DecodeConfig(strategy="d3llm").options == D3LLMOptions(0.5, True, "family")
+    assert DecodeConfig(strategy="d3llm").options == D3LLMOptions(0.5, True, "family", 10**4, 10**4)
+    for bad in ({"cache_delay_iter": -1}, {"refresh_interval": 0}, {"cache_delay_iter": True}):
+        with pytest.raises(ValueError, match="must be an integer >="):
+            DecodeConfig(strategy="d3llm", options=bad)
+    assert parse_options("d3llm", ["cache_delay_iter=2", "refresh_interval=3"]) == {
+        "cache_delay_iter": 2,
+        "refresh_interval": 3,
+    }
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         DecodeConfig(strategy="d3llm", options={"threshold": -0.1})
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
@@ -248,3 +259,279 @@ def test_options_validated():
     assert got == {"threshold": 0.4, "early_stop": False, "rule": "dream"}
     with pytest.raises(ValueError, match="one of"):
         parse_options("d3llm", ["rule=sdar"])
+
+
+# ---------------------------------------------------------------- the KV-cache variant
+
+
+class Lengths:
+    """Input lengths of every model call, seen by a forward pre-hook."""
+
+    def __init__(self, model):
+        self.seen = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.seen.append(kwargs["input_ids"].shape[1])
+
+
+@pytest.fixture
+def lengths(models):
+    hooks = {fam: Lengths(m) for fam, m in models.items()}
+    yield hooks
+    for h in hooks.values():
+        h.handle.remove()
+
+
+@torch.no_grad()
+def ref_d3llm_kv(model, prompt, thr, add, act, rule, delay, interval, early_stop=True):
+    """One row of d3LLM's generate_multi_block_kv_cache (LLaDA) / _sample_multi_block_kv_cache
+    (Dream), written from the released loop: dict block states, its scan, its four forward kinds
+    over a DynamicCache. Two choices of d2f kept: the refresh keeps exactly the
+    cached columns, and Dream's first fresh column is predicted from the last cached column's
+    logits. Returns (answer cut before the first end, forwards, input length of each forward)."""
+    fam = family_of(model)
+    mask, ends = fam.mask_token_id, set(fam.end_token_ids)
+    P, NB = len(prompt), G // BS
+    L = P + G
+    x = torch.tensor(prompt + [mask] * G)
+    start = {0: 0, **{b: P + (b - 1) * BS for b in range(1, NB + 1)}}
+    end = {0: P, **{b: P + b * BS for b in range(1, NB + 1)}}
+
+    def masks(b):
+        return int((x[start[b] : end[b]] == mask).sum())
+
+    def progress(b):
+        return 1.0 if b == 0 else 1 - masks(b) / BS
+
+    full, created = {0: True, 1: act <= 1.0}, 2  # blocks 0 .. created - 1 exist
+    done_at, is_cached = {0: 0}, {0: False}
+    cache, cache_len, carry, lens = None, 0, None, []
+    for t in range(1, 10_000):
+        found = [i for i in range(P, L) if int(x[i]) in ends] if early_stop else []
+        has_end = bool(found)
+        if has_end:
+            x[found[0] + 1 :] = x[found[0]]
+            while created <= NB:  # the released code creates the rest as complete and cached
+                done_at[created], is_cached[created] = t, True
+                full[created] = True
+                created += 1
+            if rule == "dream":
+                for b in range(1, NB + 1):
+                    if start[b] > found[0]:
+                        is_cached[b] = True
+                        done_at.setdefault(b, t)
+        if not bool((x[P:] == mask).any()):
+            break
+        for b in range(1, created):
+            if not full[b] and progress(b - 1) >= act:
+                full[b] = True
+        if created <= NB and not has_end and progress(created - 1) >= add:
+            full[created] = progress(created - 1) >= act
+            created += 1
+        # the scan
+        to_cache = []
+        for b in range(created):
+            if end[b] <= cache_len:
+                continue
+            if masks(b) > 0:
+                break
+            done_at.setdefault(b, t)
+            waited = t - done_at[b]
+            if waited >= delay and not is_cached.get(b, False):
+                to_cache.append(b)
+                is_cached[b] = True
+            elif waited < delay and rule == "llada":
+                break
+        update = end[max(to_cache)] - cache_len if to_cache else 0
+        waiting = any(
+            masks(b) == 0 and b in done_at and not is_cached.get(b, False) for b in range(created)
+        )
+        if update > 0 or (cache is not None and not waiting and t % interval != 0):
+            cache = DynamicCache(config=model.config) if cache is None else cache
+            n = L - cache_len
+            out = model(
+                input_ids=x[cache_len:][None],
+                attention_mask=to_additive(torch.ones(1, n, L, dtype=torch.bool)),
+                position_ids=torch.arange(cache_len, L)[None],
+                cache=cache,
+                use_cache=True,
+            ).logits
+            keep = cache_len + update
+            cache.crop(-(L - keep))
+            window = fam.align_logits(out, carry)[0]
+            if update > 0 and fam.shift_logits:
+                carry = out[:, keep - 1 - cache_len]
+            first_col, cache_len = cache_len, keep
+        else:
+            refresh = cache is not None
+            cache = DynamicCache(config=model.config) if refresh else None
+            out = model(
+                input_ids=x[None],
+                attention_mask=to_additive(torch.ones(1, L, L, dtype=torch.bool)),
+                position_ids=torch.arange(L)[None],
+                cache=cache,
+                use_cache=refresh,
+            ).logits
+            if refresh:
+                cache.crop(-(L - cache_len))
+                if fam.shift_logits:
+                    carry = out[:, cache_len - 1]
+            window, first_col = fam.align_logits(out)[0], 0
+        lens.append(L - first_col)
+        H, x0 = _entropy_and_argmax(window.double(), mask)
+        elig = [i for i in range(P, end[created - 1]) if int(x[i]) == mask]
+        sel = {
+            i
+            for i in elig
+            if (H[i - first_col] <= thr if rule == "llada" else H[i - first_col] < thr)
+        }
+        if rule == "llada":
+            sel.add(min(elig, key=lambda i: float(H[i - first_col])))
+        for b in range(1, created):
+            block = [i for i in elig if start[b] <= i < end[b]]
+            if full[b] and block:
+                if not sel & set(block):
+                    sel.add(min(block, key=lambda i: float(H[i - first_col])))
+                break
+        for i in sel:
+            x[i] = x0[i - first_col]
+    return _cut(x[P:].tolist(), ends), len(lens), lens
+
+
+DREAM_THR = 0.15  # the sharpened tiny Dream is more confident: a lower threshold, longer decodes
+KV_CASES = [  # (threshold, tau_add, tau_act, cache_delay_iter, refresh_interval, early_stop)
+    (0.8, 0.1, 0.95, 2, 3, True),  # the authors' LLaDA cache settings
+    (0.8, 0.25, 0.5, 1, 10**4, False),  # Dream's GSM8K cache settings
+    (0.5, 0.1, 0.95, 0, 2, False),
+]
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+@pytest.mark.parametrize("case", KV_CASES)
+def test_kv_matches_released_loop(models, lengths, fam, case):
+    thr, add, act, delay, interval, stop = case
+    thr *= DREAM_THR if fam == "dream" else 1.0
+    model = models[fam]
+    cfg = _cfg(
+        threshold=thr, tau_add=add, tau_act=act, early_stop=stop, cache_delay_iter=delay,
+        refresh_interval=interval,
+    )  # fmt: skip
+    windows = []
+    for p in _prompts():
+        want, forwards, want_lens = ref_d3llm_kv(
+            model, p, thr, add, act, fam, delay, interval, stop
+        )
+        lengths[fam].seen.clear()
+        out = generate(model, [p], cfg)
+        assert (out.tokens[0], out.stats.forwards) == (want, forwards)
+        assert lengths[fam].seen == want_lens
+        windows += want_lens
+    assert G in windows  # the prompt was cached
+    assert stop or min(windows) < G  # and answer blocks (early stop: Dream's rows end soon)
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_kv_schedule_worked_by_hand(models, lengths, fam):
+    """Blocks of 4, 16 tokens, one block at a time (add = activate = 1), threshold 0 (one token
+    per step, asserted): block k completes in forward 4k. With delay 2 and refresh every 3rd:
+      1: FULL (prompt waiting since forward 0)  2: APPEND prompt (x[0:], cache -> P)
+      3: REFRESH (3 % 3)  4: CACHED x[P:]  5, 6: REFRESH (block 1 waiting)
+      7: APPEND block 1 (x[P:], cache -> P + 4)  8: CACHED x[P+4:]  9, 10: REFRESH (block 2)
+      11: APPEND block 2 (x[P+4:])  12: REFRESH (12 % 3)  13, 14: REFRESH (block 3)
+      15: APPEND block 3 (x[P+8:])  16: CACHED x[P+12:]"""
+    model, p = models[fam], _prompts()[0]
+    cfg = DecodeConfig(
+        strategy="d3llm", block_size=4, max_new_tokens=16, tau_add=1.0, tau_act=1.0,
+        options={"threshold": 0.0, "early_stop": False, "cache_delay_iter": 2,
+                 "refresh_interval": 3},
+    )  # fmt: skip
+    out = generate(model, [p], cfg, record=True)
+    assert [int(e.committed.sum()) for e in out.trace] == [1] * 16
+    L = len(p) + 16
+    assert lengths[fam].seen == [L, L, L, 16, L, L, 16, 12, L, L, 12, L, L, L, 8, 4]
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+@pytest.mark.parametrize("interval", [1, 3, 10**4])
+def test_never_caching_is_the_no_cache_decoder(models, lengths, fam, interval):
+    model, prompts = models[fam], _prompts()
+    plain = generate(model, prompts, _cfg(threshold=0.8))
+    lengths[fam].seen.clear()
+    kv = generate(model, prompts, _cfg(threshold=0.8, refresh_interval=interval))
+    assert kv.tokens == plain.tokens
+    assert [r.forwards for r in kv.stats.rows] == [r.forwards for r in plain.stats.rows]
+    assert set(lengths[fam].seen) == {max(map(len, prompts)) + G}
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+@pytest.mark.parametrize("delay, interval", [(2, 3), (1, 10**4)])
+def test_kv_batch_equals_alone(models, lengths, fam, delay, interval):
+    """Ragged rows complete blocks at different steps, so one call mixes FULL / REFRESH / CACHED
+    / APPEND rows: each row still gets its alone tokens and forwards, and the call feeds the
+    longest window any row needs."""
+    model, prompts = models[fam], _prompts((5, 9, 3, 12), seed=1)
+    thr = 0.8 * (DREAM_THR if fam == "dream" else 1.0)
+    cfg = _cfg(
+        threshold=thr, early_stop=False, cache_delay_iter=delay, refresh_interval=interval
+    )  # no early stop: Dream's end bias would end every row within a few forwards
+    alone, windows = [], []
+    for p in prompts:
+        lengths[fam].seen.clear()
+        alone.append(generate(model, [p], cfg))
+        # in the batch's columns: a full forward covers the padded prompt too
+        windows.append([G + 12 if n == len(p) + G else n for n in lengths[fam].seen])
+    lengths[fam].seen.clear()
+    batched = generate(model, prompts, cfg)
+    assert batched.tokens == [a.tokens[0] for a in alone]
+    assert [r.forwards for r in batched.stats.rows] == [a.stats.forwards for a in alone]
+    steps = range(max(map(len, windows)))
+    want = [max(w[t] for w in windows if t < len(w)) for t in steps]
+    assert lengths[fam].seen == want
+    mixed = [len({w[t] for w in windows if t < len(w)}) > 1 for t in steps]
+    assert any(mixed)  # rows wanted different windows in the same call
+
+
+def test_plan_cache_scans():
+    """One row, blocks [prompt, 1, 2, 3], the prompt cached; block 1 completed at forward 4,
+    block 2 is complete too (first seen now, forward 5), block 3 has masks; delay 2."""
+    done = torch.tensor([[True, True, True, False]])
+    done_at = torch.tensor([[0, 4, -1, -1]])
+    n_cached, skip = torch.tensor([1]), torch.zeros(1, 4, dtype=torch.bool)
+    # LLaDA stops at waiting block 1: block 2's clock has not started; REFRESH (a block waits)
+    at, n, branch = plan_cache(done, done_at, n_cached, skip, 5, 2, 10**4, "llada")
+    assert (at.tolist(), n.tolist(), branch.tolist()) == ([[0, 4, -1, -1]], [1], [Pass.REFRESH])
+    # Dream walks on and starts block 2's clock now
+    at, n, branch = plan_cache(done, done_at, n_cached, skip, 5, 2, 10**4, "dream")
+    assert (at.tolist(), n.tolist(), branch.tolist()) == ([[0, 4, 5, -1]], [1], [Pass.REFRESH])
+    # forward 6: block 1 has waited 2 -> APPEND it; LLaDA starts block 2's clock only now
+    at, n, branch = plan_cache(done, done_at, n_cached, skip, 6, 2, 10**4, "llada")
+    assert (at.tolist(), n.tolist(), branch.tolist()) == ([[0, 4, 6, -1]], [2], [Pass.APPEND])
+    # forward 7, Dream (block 2 seen at 5): both wait >= 2 -> blocks 1 and 2 appended together
+    at, n, branch = plan_cache(
+        done, torch.tensor([[0, 4, 5, -1]]), n_cached, skip, 7, 2, 10**4, "dream"
+    )
+    assert (n.tolist(), branch.tolist()) == ([3], [Pass.APPEND])
+    # nothing waiting, cache held: CACHED, except on multiples of the refresh interval
+    calm = torch.tensor([[True, False, False, False]])
+    for t, want in ((4, Pass.CACHED), (6, Pass.REFRESH)):
+        _, _, branch = plan_cache(
+            calm, torch.tensor([[0, -1, -1, -1]]), n_cached, skip, t, 2, 3, "llada"
+        )
+        assert branch.tolist() == [want]
+    # no cache yet: FULL while the prompt waits; a skipped (after-the-end) block is never cached
+    none = torch.tensor([0])
+    _, n, branch = plan_cache(calm, torch.tensor([[0, -1, -1, -1]]), none, skip, 1, 2, 3, "llada")
+    assert (n.tolist(), branch.tolist()) == ([0], [Pass.FULL])
+    tail = torch.tensor([[False, False, True, True]])
+    _, n, _ = plan_cache(
+        torch.ones(1, 4, dtype=torch.bool),
+        torch.tensor([[0, 1, 1, 1]]),
+        n_cached,
+        tail,
+        9,
+        2,
+        10**4,
+        "dream",
+    )
+    assert n.tolist() == [2]

@@ -311,7 +311,9 @@ def d3llm_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Fam
             state, attn, masked = state[keep], attn[keep], masked[keep]
             branch, start, n_new = branch[keep], start[keep], n_new[keep]
             kv.select(keep)
-        start_h, new_h, store_h = ([v for v, f in zip(h, fin) if not f] for h in host[1:])
+        start_h, new_h, store_h = (
+            [v for v, f in zip(h, fin, strict=True) if not f] for h in host[1:]
+        )
         s = min(start_h)
         C_new = max(new_h) if any(store_h) else -1  # columns the cache holds after the step
         if max(start_h) == 0 and C_new < 0:  # every row FULL: the plain no-cache forward
