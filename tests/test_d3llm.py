@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from d2f.decoding import DecodeConfig, generate
 from d2f.decoding.config import parse_options
@@ -20,7 +21,6 @@ from d2f.family import family_of
 from d2f.mask import to_additive
 from d2f.models import load_model
 from tests.decode_helpers import Counter
-from transformers import DynamicCache
 
 BS, G = 8, 32
 

@@ -322,3 +322,38 @@ def test_bad_option_text_fails():
         parse_options("fast_dllm", ["cache=dual2"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_options("fast_dllm", ["dual"])
+
+
+# --- random remasking ---------------------------------------------------------------------------
+
+
+def test_random_remasking_follows_the_seeded_draws(models):
+    """remasking="random" (upstream LLaDA's): conf is a uniform draw per block position, so the
+    committed positions of one LLaDA row with no cache are those of the threshold rule applied
+    to the seed's draws, replayed here (one (1, bs) float64 draw per forward, temperature 0)."""
+    model, prompts = models["llada"]
+    cfg = _cfg(threshold=0.7, cache="none")
+    for seed in (0, 1):
+        out = generate(model, prompts[:1], cfg, record=True, remasking="random", seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        answer = [True] * 16  # still masked
+        for e in out.trace:
+            k = next(i for i, m in enumerate(answer) if m) // 4  # the block being decoded
+            u = torch.rand((1, 4), generator=g, dtype=torch.float64)[0]
+            cols = [4 * k + i for i in range(4) if answer[4 * k + i]]
+            best = max(cols, key=lambda c: float(u[c - 4 * k]))
+            want = sorted({c for c in cols if u[c - 4 * k] >= 0.7} | {best})
+            assert e.committed[0].nonzero()[:, 0].tolist() == want
+            for c in want:
+                answer[c] = False
+        assert not any(answer)
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_random_remasking_reproducible_from_the_seed(models, fam):
+    model, prompts = models[fam]
+    cfg = _cfg(threshold=0.9, cache="dual")
+    runs = [generate(model, prompts, cfg, remasking="random", seed=s) for s in (3, 3, 4)]
+    assert runs[0].tokens == runs[1].tokens
+    low = generate(model, prompts, cfg)
+    assert runs[0].tokens != low.tokens or runs[2].tokens != low.tokens  # the draws matter

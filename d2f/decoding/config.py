@@ -120,7 +120,7 @@ class DecodeConfig:
     max_length: int | None = None  # sequence limit (prompt + answer); None = model's context
     truncate_prompt: bool = False  # left-truncate prompts that leave no room for the answer
     steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
-    remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla's remasking rule
+    remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla / fast_dllm
     options: object = None  # the strategy's own settings (dict or options class); None = defaults
 
     def __post_init__(self):

@@ -16,7 +16,9 @@ keeps the later columns' KV and forwards the block alone. Both caches are approx
 was computed while the block was still masked), as in the released code; the cache is rebuilt at
 every block start. LLaDA commits from the block-start forward with the parallel rule; Dream (as
 released) commits only the block's first token there, unconditionally, and its confidences are in
-the model's dtype (LLaDA's in float64). Every block is decoded unless `early_stop` is set.
+the model's dtype (LLaDA's in float64). `DecodeConfig.remasking="random"` (upstream LLaDA's
+`remasking='random'`) replaces each confidence by a uniform draw from the seeded generator before
+the rule. Every block is decoded unless `early_stop` is set.
 Where this port departs from the released code, and why, is in docs/decoding.md ("Fast-dLLM v1").
 """
 
@@ -202,6 +204,8 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
 
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
         x0, conf = _tokens(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
+        if cfg.remasking == "random":  # upstream LLaDA's remasking="random": conf ~ U[0, 1)
+            conf = torch.rand(conf.shape, generator=gen, device=device, dtype=torch.float64)
         masked = blk == mask_id
         conf = conf.masked_fill(~masked, float("-inf"))
         if opts.rule == "threshold":
