@@ -1,5 +1,9 @@
 """Decoding benchmark: every strategy side by side, in one run, at several batch sizes.
 
+The default list is every strategy in `d2f.decoding.DECODERS`. On the default random model, `ar`
+runs on a random causal model of the same size (the dLLM cannot run it); with `--model`, a
+strategy the checkpoint's family cannot run is listed as n/a.
+
 Prints, per strategy and batch size: forwards per sequence, tokens per forward (TPF), wall time
 per generated token, tokens per second, and the share of wall time spent OUTSIDE model forwards
 (the decoder's own overhead). Speed is meant to be read as ratios within one run.
@@ -21,7 +25,7 @@ import time
 
 import torch
 
-from d2f.decoding import DecodeConfig, generate
+from d2f.decoding import DECODERS, DecodeConfig, generate
 from d2f.family import family_of
 from d2f.models import load_model
 
@@ -48,21 +52,31 @@ class ForwardTimer:
         self.total += time.perf_counter() - self._t
 
 
-def build(args):
+def build(args, family: str = "llada"):
+    """The benchmarked model: `--model`, or a random `family` checkpoint ("llada" or "ar")."""
     if args.model:
         return load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
     from d2f.tiny import write_tiny_checkpoint
 
     sizes = {}
     if args.hidden:
+        heads = max(args.hidden // 128, 4)
         sizes = {
             "d_model": args.hidden,
             "n_layers": args.layers,
-            "n_heads": max(args.hidden // 128, 4),
+            "n_heads": heads,
             "mlp_hidden_size": args.hidden * 3,
             "max_sequence_length": 4096,
         }
-    path = write_tiny_checkpoint(tempfile.mkdtemp(prefix="bench_"), "llada", **sizes)
+        if family == "ar":  # the same sizes under Llama's config names
+            sizes = {
+                "hidden_size": args.hidden,
+                "num_hidden_layers": args.layers,
+                "num_attention_heads": heads,
+                "intermediate_size": args.hidden * 3,
+                "max_position_embeddings": 4096,
+            }
+    path = write_tiny_checkpoint(tempfile.mkdtemp(prefix="bench_"), family, **sizes)
     model, tok = load_model(path, dtype=args.dtype, device=args.device)
     with torch.no_grad():
         model.lm_head.weight.mul_(args.sharpen)
@@ -80,11 +94,7 @@ def main():
     p.add_argument("--hidden", type=int, default=0, help="random model width (default tiny)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--sharpen", type=float, default=12.0)
-    p.add_argument(
-        "--strategies",
-        nargs="+",
-        default=["d2f", "cache_only", "fast_dllm", "vanilla", "d3llm", "fast_dllm_v2"],
-    )
+    p.add_argument("--strategies", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt_len", type=int, default=24)
     p.add_argument("--block_size", type=int, default=8)
@@ -97,7 +107,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = build(args)
-    timer = ForwardTimer(model)
+    models = {family_of(model).causal: (model, ForwardTimer(model))}  # by causal-or-not
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     print(
@@ -117,6 +127,15 @@ def main():
             for i in range(bsz)
         ]
         for strategy in args.strategies:
+            causal = strategy == "ar"  # the one strategy for autoregressive models
+            if causal not in models and not args.model:
+                other, _ = build(args, "ar" if causal else "llada")
+                models[causal] = (other, ForwardTimer(other))
+            if causal not in models:
+                kind = "an autoregressive" if causal else "a dLLM"
+                print(f"{strategy:<13}{bsz:>6}   n/a: needs {kind} model")
+                continue
+            model, timer = models[causal]
             cfg = DecodeConfig(
                 strategy=strategy,
                 block_size=args.block_size,
