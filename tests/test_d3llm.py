@@ -15,8 +15,8 @@ import torch
 from transformers import DynamicCache
 
 from d2f.decoding import DecodeConfig, generate
-from d2f.decoding.config import parse_options
-from d2f.decoding.d3llm import D3LLMOptions, Pass, plan_cache
+from d2f.decoding.config import BlockState, parse_options
+from d2f.decoding.d3llm import D3LLMOptions, Pass, plan_cache, skipped_blocks
 from d2f.family import family_of
 from d2f.mask import to_additive
 from d2f.models import load_model
@@ -535,3 +535,17 @@ def test_plan_cache_scans():
         "dream",
     )
     assert n.tolist() == [2]
+
+
+def test_skipped_blocks_after_the_end_token():
+    """Blocks of 4, 4 blocks; the first end token at answer column 5 (block 2); blocks 1-3 were
+    added, block 4 was not (the early stop stops adding). LLaDA: only block 4 (the early stop
+    creates it cached); Dream: every block starting after column 5, i.e. blocks 3 and 4."""
+    F, S, A = BlockState.FULL, BlockState.SEMI, BlockState.ABSENT
+    state = torch.tensor([[F, F, S, A]], dtype=torch.int8)
+    first = torch.tensor([5])
+    assert skipped_blocks(state, first, 4, "llada").tolist() == [[False, False, False, False, True]]
+    assert skipped_blocks(state, first, 4, "dream").tolist() == [[False, False, False, True, True]]
+    no_end = torch.tensor([16])
+    assert skipped_blocks(state, no_end, 4, "dream").tolist() == [[False] * 4 + [True]]
+    assert skipped_blocks(state, None, 4, "dream").tolist() == [[False] * 4 + [True]]

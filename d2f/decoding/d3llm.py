@@ -180,6 +180,18 @@ def plan_cache(
     return done_at, n_new, branch
 
 
+def skipped_blocks(state: Tensor, first: Tensor | None, bs: int, rule: str) -> Tensor:
+    """(B, NB + 1) bool: blocks (the prompt first) the released code marks cached without caching
+    them. state: (B, NB) block states; first: (B,) answer column of the first end token (G: none;
+    None: no early stop). Both variants: the blocks the early stop creates (those never added);
+    Dream also every block that starts after the end token."""
+    skip = state == BlockState.ABSENT
+    if rule == "dream" and first is not None:
+        starts = torch.arange(state.shape[1], device=state.device) * bs  # (NB,)
+        skip |= starts[None] > first[:, None]
+    return torch.cat([torch.zeros_like(skip[:, :1]), skip], 1)
+
+
 def _gather_columns(cache: DynamicCache, idx: Tensor, config) -> DynamicCache:
     """A cache whose row b holds columns idx[b] (B, C) of `cache`'s row b, in every layer."""
     data = []
@@ -279,7 +291,6 @@ def d3llm_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Fam
     attn = full_mask(block_ids(batch.valid, torch.full((B,), P, device=device), bs))  # (B, L, L)
     state = torch.zeros(B, NB, dtype=torch.int8, device=device)
     kv = DelayedCache.create(B, P, bs, NB, device)
-    starts = torch.arange(NB, device=device) * bs  # (NB,) answer column of each block
     rec.prefill_done()  # no prefill: every step recomputes the whole sequence (or a suffix)
 
     for t in range(1, G + 2):  # every step commits >= 1 token: this never runs out
@@ -290,11 +301,7 @@ def d3llm_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Fam
         finished = ~masked.any(1)
         # the cache schedule (blocks: the prompt, then the answer blocks)
         done = torch.cat([torch.ones_like(finished[:, None]), ~masked.view(-1, NB, bs).any(-1)], 1)
-        if rule == "llada" or first is None:  # blocks the early stop created
-            skip = state == BlockState.ABSENT
-        else:  # Dream also marks every block after the end token cached
-            skip = ended[:, None] & (starts[None] > first[:, None])
-        skip = torch.cat([torch.zeros_like(skip[:, :1]), skip], 1)  # (B, NB + 1)
+        skip = skipped_blocks(state, first, bs, rule)
         done_at, n_new, branch = plan_cache(
             done, kv.done_at, kv.n_cached, skip, t, opts.cache_delay_iter, opts.refresh_interval,
             rule,
