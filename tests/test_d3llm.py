@@ -549,3 +549,24 @@ def test_skipped_blocks_after_the_end_token():
     no_end = torch.tensor([16])
     assert skipped_blocks(state, no_end, 4, "dream").tolist() == [[False] * 4 + [True]]
     assert skipped_blocks(state, None, 4, "dream").tolist() == [[False] * 4 + [True]]
+
+
+def test_kv_one_host_sync_per_step(models, monkeypatch):
+    model, prompts = models["llada"], _prompts()
+    cfg = _cfg(threshold=0.8, cache_delay_iter=1, refresh_interval=3)
+    count = {"n": 0}
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            count["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    from d2f.decoding.common import Recorder
+    from d2f.decoding.d3llm import d3llm_decode
+
+    rec = Recorder(len(prompts), cfg.gen_length, "cpu")
+    d3llm_decode(model, prompts, cfg, family_of(model), rec)
+    monkeypatch.undo()
+    assert 0 < count["n"] <= rec.step + 1, (count["n"], rec.step)
