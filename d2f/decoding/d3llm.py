@@ -9,7 +9,7 @@ active row (vectorised over rows and blocks):
      >= tau_add (d3LLM's `block_add_threshold`); fully activate a block whose predecessor's
      fraction is >= tau_act (`decoded_token_threshold`).
   3. one bidirectional forward over the WHOLE sequence (prompt + every answer column, the blocks
-     not added yet as masks); no cache.
+     not added yet as masks); no cache (or the KV-cache variant below).
   4. commit, among the masked positions of the existing blocks, by entropy H (fp64, as released):
      `llada` rule: the lowest-H position plus every position with H <= threshold;
      `dream` rule: every position with H < threshold (shifted logits).
@@ -18,8 +18,8 @@ active row (vectorised over rows and blocks):
 A row finishes when its answer has no mask left (the early-stop fill counts as decoded) and
 leaves the batch.
 
-KV-cache variant (released `generate_multi_block_kv_cache`; on when `cache_delay_iter` is below
-the authors' never-reached default 10000): the prompt (block 0, complete at forward 0) and every
+KV-cache variant (released `generate_multi_block_kv_cache`; the authors' default delay 10000 is
+never reached, so by default nothing is cached): the prompt (block 0, complete at forward 0) and every
 block that completes are cached `cache_delay_iter` forwards after they were first seen complete,
 leading blocks only; each forward is then one of (`plan_cache`, per row):
   APPEND  blocks became ready: forward [cache end, L) over the cache, keep the ready blocks' KV;
@@ -27,7 +27,8 @@ leading blocks only; each forward is then one of (`plan_cache`, per row):
   REFRESH a block is waiting ("stabilising") or the forward index is a multiple of
           `refresh_interval`: full forward, its KV replaces the cached prefix;
   FULL    nothing cached yet: full forward, no cache.
-The cached KV was computed by a forward that also saw masks: approximate, as released.
+The cached KV was computed by a forward that also saw masks: approximate, as released. Dream's
+first column after the cache is predicted by the last cached column's logits (kept, the carry).
 """
 
 from __future__ import annotations
