@@ -83,7 +83,7 @@ def main():
     p.add_argument(
         "--strategies",
         nargs="+",
-        default=["d2f", "cache_only", "fast_dllm", "vanilla", "d3llm", "fast_dllm_v2"],
+        default=["d2f", "cache_only", "fast_dllm", "vanilla", "d3llm", "fast_dllm_v2", "freedave"],
     )
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt_len", type=int, default=24)
