@@ -79,8 +79,18 @@ def _is_subsequence(part: list, whole: list) -> bool:
     return all(any(p == w for w in it) for p in part)
 
 
-@pytest.mark.parametrize("cache", CACHES)
-@pytest.mark.parametrize("bs", [4, 8])
+# blocks of 8 without a cache or with the prefix cache: in the slow run (pytest -m slow), to keep
+# this file near 20 s; dual and exact (the defaults) run both block sizes by default
+BS_CACHE = [
+    *[(4, c) for c in CACHES],
+    pytest.param(8, "none", marks=pytest.mark.slow),
+    pytest.param(8, "prefix", marks=pytest.mark.slow),
+    (8, "dual"),
+    (8, "exact"),
+]
+
+
+@pytest.mark.parametrize("bs, cache", BS_CACHE)
 def test_freedave_gives_static_tokens_in_fewer_forwards(models, family_name, bs, cache):
     model, counter = models[family_name]
     prompts = _prompts((9, 3))  # ragged
@@ -160,7 +170,14 @@ def test_every_call_lands_on_a_static_state(models, family_name, cache):
     assert jumps > 0  # some call skipped static states
 
 
-@pytest.mark.parametrize("cache", CACHES)
+# no cache / prefix cache share the draft scoring with dual: in the slow run
+SOME_CACHES = [pytest.param(c, marks=pytest.mark.slow) for c in ("none", "prefix")] + [
+    "dual",
+    "exact",
+]
+
+
+@pytest.mark.parametrize("cache", SOME_CACHES)
 def test_batched_equals_alone(models, family_name, cache):
     model, counter = models[family_name]
     prompts, cfg = _prompts(), _cfg(cache, 4, 4)
@@ -178,7 +195,7 @@ def teacher():
     return model, tok, Counter(model)
 
 
-@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("cache", SOME_CACHES)
 def test_early_exit_on_a_trained_teacher(teacher, cache):
     """The tiny-world teacher ends its answers: early exit stops rows where static does (one
     draft: the same forwards), losslessly, and earlier than decoding every block."""
