@@ -17,6 +17,7 @@ from d2f.decoding.config import (
 from d2f.decoding.d3llm import D3LLMOptions
 from d2f.decoding.fast_dllm import FastDLLMOptions
 from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
+from d2f.decoding.freedave import FreeDaveOptions
 
 __all__ = [
     "D3LLMOptions",
@@ -28,6 +29,7 @@ __all__ = [
     "DecodeStats",
     "FastDLLMOptions",
     "FastDLLMv2Options",
+    "FreeDaveOptions",
     "RowStats",
     "StepEvent",
     "encode_prompts",

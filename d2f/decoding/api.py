@@ -19,6 +19,7 @@ from d2f.decoding.config import (
 from d2f.decoding.d3llm import d3llm_decode
 from d2f.decoding.fast_dllm import fast_dllm_decode
 from d2f.decoding.fast_dllm_v2 import fast_dllm_v2_decode
+from d2f.decoding.freedave import freedave_decode
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
 from d2f.family import Family, family_of
@@ -32,6 +33,7 @@ DECODERS: dict[str, Callable] = {
     "reference": reference_decode,
     "d3llm": d3llm_decode,
     "fast_dllm_v2": fast_dllm_v2_decode,
+    "freedave": freedave_decode,
 }
 
 

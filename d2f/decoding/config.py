@@ -16,7 +16,15 @@ from typing import Literal
 import torch
 
 Strategy = Literal[
-    "d2f", "cache_only", "vanilla", "fast_dllm", "ar", "reference", "d3llm", "fast_dllm_v2"
+    "d2f",
+    "cache_only",
+    "vanilla",
+    "fast_dllm",
+    "ar",
+    "reference",
+    "d3llm",
+    "fast_dllm_v2",
+    "freedave",
 ]
 STRATEGIES: tuple[str, ...] = (
     "d2f",
@@ -27,6 +35,7 @@ STRATEGIES: tuple[str, ...] = (
     "reference",
     "d3llm",
     "fast_dllm_v2",
+    "freedave",
 )
 
 

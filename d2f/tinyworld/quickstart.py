@@ -66,6 +66,13 @@ ROWS = (
         "teacher",
         {**FAST_DLLM_DECODE, "options": {"cache": "dual"}},
     ),
+    # FreeDave's own defaults (4 drafts per call, dual cache, early exit): lossless w.r.t. static
+    # one-token-per-step decoding, so its score is static's; block 8, 24 tokens as Fast-dLLM's rows
+    Row(
+        "FreeDave (dual cache)",
+        "teacher",
+        {"strategy": "freedave", "block_size": 8, "max_new_tokens": 24},
+    ),
     Row("D2F, no distillation", "teacher", {"strategy": "d2f", **D2F_DECODE}),
     Row("D2F cache-only", "student", {"strategy": "cache_only", **D2F_DECODE}),
     Row("D2F pipelined", "student", {"strategy": "d2f", **D2F_DECODE}),
