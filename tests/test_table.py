@@ -275,56 +275,58 @@ def test_second_task_into_the_same_output_path_keeps_the_first(tmp_path):
 
 
 def test_quickstart_table_from_the_table_module(tmp_path):
-    """The tiny world's table.md / table.csv: the same columns and rows as before, computed by
-    d2f.lmeval.table from the eval runs the quickstart caches (numbers worked out by hand)."""
+    """The tiny world's table.md / table.csv / sweep.md: scores, TPF and lengths from the lm-eval
+    runs the quickstart caches (read by d2f.lmeval.table), speeds from the side-by-side race,
+    AUP from d2f.lmeval.aup's formula (numbers worked out by hand)."""
+    import math
     from argparse import Namespace
 
-    from d2f.tinyworld.quickstart import _read_eval, _write_table
+    from d2f.tinyworld.quickstart import Row, _read_eval, _write_results
 
-    def tiny_run(name, strategy, batch, score, tokens, wall):
+    def tiny_run(name, strategy, score, tokens, forwards=50):
         run = tmp_path / "cache" / name
-        tasks = {"d2f_tiny_add": speed_entry(10, tokens, tokens + 10, 50, wall)}
+        tasks = {"d2f_tiny_add": speed_entry(10, tokens, tokens + 10, forwards, 1.0)}
         results = {"results": {"d2f_tiny_add": {"exact_match,strict-match": score}}}
-        write_run(run, strategy, tasks, results, "2026-01-01T00-00-00.1", batch_size=batch)
+        write_run(run, strategy, tasks, results, "2026-01-01T00-00-00.1", batch_size=4)
         return _read_eval(run)
 
-    table = [
-        {
-            "row": "vanilla dLLM",
-            "model": "teacher",
-            "strategy": "vanilla",
-            "b1": tiny_run("v1", "vanilla", 1, 0.9, 100, 10.0),
-            "b4": tiny_run("v4", "vanilla", 4, 0.95, 100, 2.0),
-        },
-        {
-            "row": "D2F pipelined",
-            "model": "student",
-            "strategy": "d2f",
-            "b1": tiny_run("d1", "d2f", 1, 0.97, 120, 4.0),
-            "b4": tiny_run("d4", "d2f", 4, 0.98, 120, 1.0),
-        },
+    vanilla = Row("vanilla dLLM", "teacher", {"strategy": "vanilla"})
+    d2f = Row("D2F pipelined", "student", {"strategy": "d2f"})
+    table = [(vanilla, tiny_run("v", "vanilla", 0.95, 100)), (d2f, tiny_run("d", "d2f", 0.98, 120))]
+    # the sweep: TPF (d3LLM) 2.0 at 96% and 3.0 at 97%; and 4.0 at 80%, more than 5 below: dropped
+    sweep = [
+        ((0.1, 0.9), tiny_run("s1", "d2f", 0.96, 100)),
+        ((0.5, 0.9), tiny_run("s2", "d2f", 0.97, 150)),
+        ((0.9, 0.7), tiny_run("s3", "d2f", 0.80, 200)),
     ]
+    speeds = {
+        "vanilla dLLM": {"tps_b1": 10.0, "latency_b1_s": 1.0, "tps_big": 50.0},
+        "D2F pipelined": {"tps_b1": 30.0, "latency_b1_s": 0.4, "tps_big": 120.0},
+    }
     results = tmp_path / "results"
-    _write_table(table, results, Namespace(big_batch=4, n=10, threads=1))
+    args = Namespace(big_batch=4, n=10, repeats=3, time_n=2)
+    _write_results("add2", table, sweep, speeds, results, args, "env")
+
+    def w(y):  # the leaderboard's weight, y_max 98 (the best score in the table)
+        return min(math.exp(-3 * (1 - y / 98.0)), 1.0)
+
+    sweep_aup = 2.0 * 96 + 0.5 * (3.0 - 2.0) * (97 * w(97) + 96 * w(96))
     md = (results / "table.md").read_text().splitlines()
     assert md[:4] == [
         "| method | model | score | TPF | gen len | TPS b1 | latency b1 (s) | speed-up b1 "
-        "| TPS b4 | speed-up b4 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        "| vanilla dLLM | teacher | 95.0% | 2.20 | 10.0 | 10 | 1.000 | 1.00x | 50 | 1.00x |",
-        "| D2F pipelined | student | 98.0% | 2.60 | 12.0 | 30 | 0.400 | 3.00x | 120 | 2.40x |",
+        "| TPS b4 | speed-up b4 | AUP |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vanilla dLLM | teacher | 95.0% | 2.20 | 10.0 | 10 | 1.000 | 1.00x | 50 | 1.00x "
+        f"| {2.0 * 95:.1f} |",
+        "| D2F pipelined | student | 98.0% | 2.60 | 12.0 | 30 | 0.400 | 3.00x | 120 | 2.40x "
+        f"| {sweep_aup:.1f} |",
     ]
     with (results / "table.csv").open() as f:
-        rows = list(csv.reader(f))
-    assert rows[0][0] == "method" and rows[2] == [
-        "D2F pipelined",
-        "student",
-        "98.0%",
-        "2.60",
-        "12.0",
-        "30",
-        "0.400",
-        "3.00x",
-        "120",
-        "2.40x",
-    ]
+        rows = list(csv.DictReader(f))
+    assert rows[1]["method"] == "D2F pipelined" and float(rows[1]["aup"]) == pytest.approx(
+        sweep_aup
+    )
+    assert float(rows[1]["speedup_b4"]) == pytest.approx(2.4)
+    sweep_md = (results / "sweep.md").read_text()
+    assert "| 0.9 | 0.7 | 80.0% |" in sweep_md and f"{sweep_aup:.1f}" in sweep_md
+    assert (results / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -67,31 +67,33 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
         "--out",
         str(out),
         "--fresh",
-        "--pretrain_args=--teacher_steps 20 --ar_steps 20 --eval_n 8",
+        "--pretrain_args=--teacher_steps 20 --ar_steps 20 --eval_n 8 --curve_n 4",
         "--student_steps",
         "10",
         "--n",
         "8",
         "--big_batch",
         "4",
+        "--time_n",
+        "2",
+        "--repeats",
+        "1",
     ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     table = (out / "results" / "table.md").read_text()
-    for row in (
-        "vanilla dLLM",
-        "Fast-dLLM v1 (prefix cache)",
-        "Fast-dLLM v1 (dual cache)",
-        "D2F, no distillation",
-        "D2F cache-only",
-        "D2F pipelined",
-        "autoregressive",
-    ):
-        assert row in table
+    from d2f.tinyworld.quickstart import rows
+
+    for row in rows("add2"):
+        assert f"| {row.name} | {row.model} |" in table
+    header = table.splitlines()[0]
     for col in ("score", "TPF", "gen len", "TPS b1", "latency b1 (s)", "speed-up b1", "TPS b4"):
-        assert col in table
+        assert f" {col} |" in header
+    assert header.endswith("| AUP |")
     assert (out / "results" / "table.csv").exists()
-    assert (out / "results" / "decode_student.png").read_bytes()[:4] == b"\x89PNG"
+    for picture in ("decode_student.png", "sweep.png"):
+        assert (out / "results" / picture).read_bytes()[:4] == b"\x89PNG"
+    assert "tau_add" in (out / "results" / "sweep.md").read_text()
     assert json.loads((next(out.glob("cache/pretrained-*")) / "manifest.json").read_text())[
         "models"
     ]

@@ -1,16 +1,17 @@
 """`python -m d2f.tinyworld.quickstart` (`bash scripts/quickstart.sh`): D2F's whole story on a CPU.
 
-From the pretrained miniature teacher that ships with the package (LLaDA format) this distils a
-D2F student with the real trainer (`python -m d2f.train`, LoRA, ramp schedule, distillation loss),
-then evaluates every row of the paper's comparison through lm-eval on the held-out split:
-
-  vanilla dLLM (teacher) | Fast-dLLM v1, prefix and dual cache (teacher) |
-  D2F without distillation (teacher) |
-  D2F cache-only (student) | D2F pipelined (student) | autoregressive baseline (shipped AR)
-
-at batch 1 and at a large batch, and writes the table (markdown + CSV) and a decode picture to
-`OUT/results/`. Every stage is cached by the content of its inputs: a second run reuses them.
-`--fresh` also rebuilds the teacher and the AR baseline (`d2f.tinyworld.pretrain`, into OUT).
+From a miniature world's pretrained teacher and AR baseline that ship with the package (LLaDA and
+Llama formats), this distils two D2F students with the real trainer (`python -m d2f.train`, LoRA,
+asymmetric distillation): one with D2F's ramp schedule and one with the random schedule (the
+paper's Table 4 ablation). Then it scores every row of the leaderboard through lm-eval on the
+held-out split (`rows`: vanilla, Fast-dLLM, D2F without distillation, the random-schedule
+student, cache-only, pipelined, AR and the peer decoders), times every row side by side in one
+process (`d2f.tinyworld.race`), sweeps the student's thresholds (the paper's Figure 2) and draws a
+decode with two blocks in flight. It writes `OUT/results/`: table.md / table.csv, sweep.md /
+sweep.png, decode_student.png / .html. Every stage is cached by the content of everything that
+changes its result (inputs, the package's code, the configs, package versions, thread count, CPU):
+a second run reuses them. `--fresh` also rebuilds the teacher and the AR baseline
+(`d2f.tinyworld.pretrain`, into OUT).
 """
 
 from __future__ import annotations
@@ -30,68 +31,83 @@ from functools import partial
 from pathlib import Path
 
 from d2f.config import config_dir
-from d2f.tinyworld.pretrain import ASSETS
-from d2f.tinyworld.world import WorldSpec, build_world, train_overrides
+from d2f.tinyworld.pretrain import assets_dir, cpu_model
+from d2f.tinyworld.world import WORLDS, WorldSpec, build_world, preset, train_overrides
 
-EVAL_VERSION = "2: adapters merged for inference"  # part of the eval cache keys: bump to re-measure
-D2F_DECODE = {
-    "block_size": 4,
-    "max_new_tokens": 24,
-    "tau_add": 0.5,
-    "tau_act": 0.95,
-    "tau_conf": 0.9,
+EVAL_VERSION = "3: scores at the large batch, speeds from the side-by-side race"  # in every key
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A world's decoding sizes: the student's block (its training blocks), the teacher's block
+    for the bidirectional rows, the answer budget, and D2F's thresholds."""
+
+    student_block: int
+    block: int
+    max_new_tokens: int
+    tau_add: float
+    tau_act: float = 0.95
+    tau_conf: float = 0.9
+
+
+SIZES = {
+    # first edition: 16-token answers in blocks of 4 (tau_add 0.1 and 0.5 alike at block 4)
+    "add2": Sizes(student_block=4, block=8, max_new_tokens=24, tau_add=0.5),
+    # second edition: 42-token answers, blocks of 8, the paper's thresholds
+    "chain": Sizes(student_block=8, block=8, max_new_tokens=48, tau_add=0.1),
 }
-
-
-# Fast-dLLM v1 with the authors' threshold rule (0.9, via tau_conf), blocks of 8 as vanilla's
-FAST_DLLM_DECODE = {"strategy": "fast_dllm", "block_size": 8, "max_new_tokens": 24, "tau_conf": 0.9}
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    model: str  # teacher | student | ar
+    model: str  # teacher | student | student_random | ar
     decode: dict
 
 
-ROWS = (
-    Row("vanilla dLLM", "teacher", {"strategy": "vanilla", "block_size": 8, "max_new_tokens": 24}),
-    Row(
-        "Fast-dLLM v1 (prefix cache)",
-        "teacher",
-        {**FAST_DLLM_DECODE, "options": {"cache": "prefix"}},
-    ),
-    Row(
-        "Fast-dLLM v1 (dual cache)",
-        "teacher",
-        {**FAST_DLLM_DECODE, "options": {"cache": "dual"}},
-    ),
-    # FreeDave's own defaults (4 drafts per call, dual cache, early exit): lossless w.r.t. static
-    # one-token-per-step decoding, so its score is static's; block 8, 24 tokens as Fast-dLLM's rows
-    Row(
-        "FreeDave (dual cache)",
-        "teacher",
-        {"strategy": "freedave", "block_size": 8, "max_new_tokens": 24},
-    ),
-    Row("D2F, no distillation", "teacher", {"strategy": "d2f", **D2F_DECODE}),
-    Row("D2F cache-only", "student", {"strategy": "cache_only", **D2F_DECODE}),
-    Row("D2F pipelined", "student", {"strategy": "d2f", **D2F_DECODE}),
-    Row("autoregressive", "ar", {"strategy": "ar", "block_size": 8, "max_new_tokens": 24}),
-    # d3LLM's own defaults (entropy threshold 0.5, early stop; tau_add 0.1, tau_act 0.95)
-    Row(
-        "d3LLM multi-block", "teacher", {"strategy": "d3llm", "block_size": 8, "max_new_tokens": 24}
-    ),
-    Row(
-        "Fast-dLLM v2",
-        "student",
-        {
-            "strategy": "fast_dllm_v2",
-            "block_size": 4,  # the student's block size (D2F_DECODE)
-            "max_new_tokens": 24,
-            "options": {"sub_block_size": 2, "threshold": 0.9},  # sub-blocks of half a block
-        },
-    ),
-)
+def d2f_decode(z: Sizes, **taus) -> dict:
+    taus = {"tau_add": z.tau_add, "tau_act": z.tau_act, "tau_conf": z.tau_conf, **taus}
+    return {"block_size": z.student_block, "max_new_tokens": z.max_new_tokens, **taus}
+
+
+def rows(world: str) -> tuple[Row, ...]:
+    """The leaderboard's rows for `world`, each with the decoder its authors use. Later methods
+    add a Row here; nothing else changes."""
+    z = SIZES[world]
+    teacher = {"block_size": z.block, "max_new_tokens": z.max_new_tokens}
+    # Fast-dLLM v1 with the authors' threshold rule (0.9), on vanilla's blocks
+    fast = {"strategy": "fast_dllm", **teacher, "tau_conf": 0.9}
+    return (
+        Row("vanilla dLLM", "teacher", {"strategy": "vanilla", **teacher}),
+        Row("Fast-dLLM v1 (prefix cache)", "teacher", {**fast, "options": {"cache": "prefix"}}),
+        Row("Fast-dLLM v1 (dual cache)", "teacher", {**fast, "options": {"cache": "dual"}}),
+        # FreeDave's own defaults (4 drafts per call, dual cache, early exit): lossless w.r.t.
+        # static one-token-per-step decoding, so its score is static's
+        Row("FreeDave (dual cache)", "teacher", {"strategy": "freedave", **teacher}),
+        Row("D2F, no distillation", "teacher", {"strategy": "d2f", **d2f_decode(z)}),
+        Row("D2F, random-schedule student", "student_random", {"strategy": "d2f", **d2f_decode(z)}),
+        Row("D2F cache-only", "student", {"strategy": "cache_only", **d2f_decode(z)}),
+        Row("D2F pipelined", "student", {"strategy": "d2f", **d2f_decode(z)}),
+        Row("autoregressive", "ar", {"strategy": "ar", **teacher}),
+        # d3LLM's own defaults (entropy threshold 0.5, early stop; tau_add 0.1, tau_act 0.95)
+        Row("d3LLM multi-block", "teacher", {"strategy": "d3llm", **teacher}),
+        Row(
+            "Fast-dLLM v2",
+            "student",
+            {
+                "strategy": "fast_dllm_v2",
+                "block_size": z.student_block,
+                "max_new_tokens": z.max_new_tokens,
+                "options": {"sub_block_size": z.student_block // 2, "threshold": 0.9},
+            },
+        ),
+    )
+
+
+# The threshold trade-off (the paper's Figure 2): the D2F student over tau_add x tau_conf
+SWEEP_TAU_ADD = (0.1, 0.5, 0.9)
+SWEEP_TAU_CONF = (0.7, 0.9, 0.97)
+PIPELINED = "D2F pipelined"  # the row whose AUP is its sweep's
 
 
 def digest(*parts) -> str:
@@ -132,11 +148,19 @@ def cached(root: Path, stage: str, key: str, build) -> Path:
 
 
 def distil(
-    tmp: Path, teacher: Path, data: Path, spec: WorldSpec, threads: int, steps: int | None
+    tmp: Path,
+    teacher: Path,
+    data: Path,
+    world: str,
+    spec: WorldSpec,
+    threads: int,
+    steps: int | None,
+    schedule: str,
 ) -> None:
     overrides = train_overrides(
-        spec, "tinyworld_student", teacher, data, tmp / "run", threads, steps
+        spec, preset(world, "student"), teacher, data, tmp / "run", threads, steps
     )
+    overrides.append(f"train.noise.schedule={schedule}")
     cmd = [sys.executable, "-m", "d2f.train", "--config-name", "tiny", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -147,31 +171,23 @@ def distil(
 
 
 def environment() -> str:
-    """What the numbers depend on besides the inputs: torch version and thread count (training and
-    timing are not bit-identical across them), so they are part of every cache key and the table note."""
+    """What the numbers depend on besides the inputs and the code: package versions, the thread
+    count and the CPU (training is not bit-identical across them), so it is part of every cache
+    key and of the table's note."""
+    from importlib.metadata import version
+
     import torch
 
-    return f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-
-
-D2F = Path(__file__).resolve().parents[1]  # the installed d2f package
-# the code that makes each stage: part of its cache key (a code change rebuilds the stage)
-TRAIN_CODE = [
-    D2F / f
-    for f in (
-        "train.py",
-        "objectives.py",
-        "loss.py",
-        "schedule.py",
-        "data.py",
-        "checkpoint.py",
-        "models.py",
-        "family.py",
-        "mask.py",
-        "config.py",
+    packages = ", ".join(
+        f"{p} {version(p)}" for p in ("transformers", "peft", "accelerate", "lm_eval")
     )
-]
-EVAL_CODE = [D2F / f for f in ("decoding", "lmeval", "models.py", "family.py", "mask.py")]
+    return (
+        f"torch {torch.__version__}, {packages}, {torch.get_num_threads()} thread(s), "
+        f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+
+
+D2F = Path(__file__).resolve().parents[1]  # the installed d2f package: every stage's key has it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("outputs/tinyworld"))
+    p.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD)
+    p.add_argument("--out", type=Path, default=None, help="default: outputs/tinyworld[_WORLD]")
     p.add_argument("--fresh", action="store_true", help="also rebuild the teacher and AR baseline")
     p.add_argument(
         "--threads",
@@ -189,18 +206,26 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads (default 1; training is bit-identical only at the same thread count)",
     )
     p.add_argument("--n", type=int, default=200, help="held-out problems per evaluation")
-    p.add_argument("--big_batch", type=int, default=50, help="the large batch of the speed columns")
+    p.add_argument("--big_batch", type=int, default=64, help="the large batch of the speed columns")
+    p.add_argument("--time_n", type=int, default=16, help="prompts timed one by one (batch 1)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the timing race (best of)")
     p.add_argument(
-        "--student_steps", type=int, default=None, help="default: tinyworld_student preset"
+        "--student_steps", type=int, default=None, help="default: the world's student preset"
     )
+    p.add_argument("--no_sweep", action="store_true", help="skip the threshold sweep")
     p.add_argument("--pretrain_args", default="", help="extra args for --fresh's pretrain (tests)")
     args = p.parse_args(argv)
+    for name in ("n", "big_batch", "time_n", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     import torch
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    spec, cache = WorldSpec(), args.out / "cache"
-    results = args.out / "results"
+    world, spec = args.world, WORLDS[args.world]
+    out = args.out or Path("outputs/tinyworld" + ("" if world == DEFAULT_WORLD else f"_{world}"))
+    cache, results = out / "cache", out / "results"
+    env = environment()
 
     # 1. the world's data (the same files the shipped models were trained on)
     world_dir = cached(cache, "world", digest(spec.key()), lambda tmp: build_world(tmp, spec))
@@ -213,9 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         pre = cached(
             cache,
             "pretrained",
-            digest(spec.key(), args.pretrain_args, "fresh"),
+            digest(spec.key(), args.pretrain_args, env, D2F, config_dir()),
             lambda tmp: pretrain.main(
                 [
+                    "--world",
+                    world,
                     "--out",
                     str(tmp),
                     "--work",
@@ -227,63 +254,126 @@ def main(argv: list[str] | None = None) -> None:
             ),
         )
     else:
-        pre = ASSETS
+        pre = assets_dir(world)
     models = {"teacher": pre / "teacher", "ar": pre / "ar"}
     for name, path in models.items():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no {name} model (run with --fresh to build one)")
+            raise FileNotFoundError(
+                f"{path}: no {name} model for world {world!r} "
+                f"(run with --fresh, or `python -m d2f.tinyworld.pretrain --world {world}`)"
+            )
 
-    # 3. the D2F student, distilled with the real trainer
-    student = cached(
-        cache,
-        "student",
-        digest(
-            models["teacher"],
-            data,
-            config_dir(),
-            args.student_steps,
-            environment(),
-            *TRAIN_CODE,
-        ),
-        lambda tmp: distil(tmp, models["teacher"], data, spec, args.threads, args.student_steps),
-    )
+    # 3. the D2F students, distilled with the real trainer: the ramp schedule (D2F) and the
+    #    random schedule (the paper's Table 4 ablation)
+    adapters = {}
+    for model, schedule in (("student", "ramp"), ("student_random", "random")):
+        run = cached(
+            cache,
+            model,
+            digest(models["teacher"], data, config_dir(), args.student_steps, schedule, env, D2F),
+            partial(
+                distil,
+                teacher=models["teacher"],
+                data=data,
+                world=world,
+                spec=spec,
+                threads=args.threads,
+                steps=args.student_steps,
+                schedule=schedule,
+            ),
+        )
+        adapters[model] = run / "adapter"
 
-    # 4. every row, at batch 1 and at a large batch, through lm-eval
+    def base_of(model: str) -> tuple[Path, Path | None]:
+        return (models["teacher"], adapters[model]) if model in adapters else (models[model], None)
+
+    # 4. every row's score, TPF and length through lm-eval, at the large batch (batched decoding
+    #    equals decoding alone: tests/test_decoding.py)
+    def scored(stage: str, model: str, decode: dict):
+        base, adapter = base_of(model)
+        key = digest(
+            EVAL_VERSION,
+            env,
+            D2F,
+            base,
+            adapter or "-",
+            json.dumps(decode, sort_keys=True),
+            args.n,
+            args.big_batch,
+            spec.seed,
+            spec.level,
+        )
+        build = partial(
+            evaluate,
+            pretrained=base,
+            adapter=adapter,
+            n=args.n,
+            batch_size=args.big_batch,
+            level=spec.level,
+            seed=spec.seed,
+            **decode,
+        )
+        return _read_eval(cached(cache, stage, key, build))
+
     from d2f.tinyworld.evaluate import evaluate
 
-    table = []
-    for row in ROWS:
-        base = models["teacher"] if row.model == "student" else models[row.model]
-        adapter = student / "adapter" if row.model == "student" else None
-        cells = {"row": row.name, "model": row.model, "strategy": row.decode["strategy"]}
-        for batch in (1, args.big_batch):
-            key = digest(
-                EVAL_VERSION,
-                environment(),
-                *EVAL_CODE,
-                base,
-                adapter if adapter else "-",
-                json.dumps(row.decode, sort_keys=True),
-                args.n,
-                batch,
-                spec.seed,
-            )
-            build = partial(
-                evaluate,
-                pretrained=base,
-                adapter=adapter,
-                n=args.n,
-                batch_size=batch,
-                seed=spec.seed,
-                **row.decode,
-            )
-            run = cached(cache, f"eval-{row.decode['strategy']}-{row.model}-b{batch}", key, build)
-            res = _read_eval(run)
-            cells[f"b{batch}"] = res
-        table.append(cells)
-    _write_table(table, results, args)
-    _picture(models["teacher"], student / "adapter", results, spec)
+    table = [
+        (row, scored(f"eval-{row.decode['strategy']}-{row.model}", row.model, row.decode))
+        for row in rows(world)
+    ]
+    z = SIZES[world]
+    sweep = []
+    if not args.no_sweep:
+        for tau_add in SWEEP_TAU_ADD:
+            for tau_conf in SWEEP_TAU_CONF:
+                decode = {"strategy": "d2f", **d2f_decode(z, tau_add=tau_add, tau_conf=tau_conf)}
+                sweep.append(((tau_add, tau_conf), scored("eval-d2f-student", "student", decode)))
+
+    # 5. speed: every row timed side by side in one process (d2f.tinyworld.race)
+    speeds = _race(cache, world, models, adapters, base_of, args, env, spec)
+
+    _write_results(world, table, sweep, speeds, results, args, env)
+    _picture(models["teacher"], adapters["student"], results, spec, z)
     print(f"\nquickstart done in {time.perf_counter() - t_start:.0f} s; results in {results}/")
+
+
+DEFAULT_WORLD = "add2"
+
+
+def _race(cache, world, models, adapters, base_of, args, env, spec) -> dict:
+    from d2f.decoding import DecodeConfig
+    from d2f.tinyworld.race import Entry, race
+    from d2f.tinyworld.task import records
+
+    entries = [Entry(r.name, r.model, DecodeConfig(**r.decode)) for r in rows(world)]
+    key = digest(
+        EVAL_VERSION,
+        env,
+        D2F,
+        *models.values(),
+        *adapters.values(),
+        repr(entries),
+        args.time_n,
+        args.big_batch,
+        args.repeats,
+        spec.key(),
+    )
+
+    def build(tmp: Path) -> None:
+        from d2f.models import load_model
+
+        used = {e.model for e in entries}
+        loaded = {}
+        for name in sorted(used):
+            base, adapter = base_of(name)
+            loaded[name] = load_model(base, adapter=adapter, merge_adapter=adapter is not None)
+        questions = [r["question"] for r in records(spec.level, "test", args.big_batch, spec.seed)]
+        speeds = race(
+            entries, loaded, questions[: args.time_n], questions, args.big_batch, args.repeats
+        )
+        (tmp / "speeds.json").write_text(json.dumps(speeds, indent=2) + "\n")
+
+    return json.loads((cached(cache, "race", key, build) / "speeds.json").read_text())
 
 
 def _read_eval(run: Path):
@@ -296,45 +386,169 @@ def _read_eval(run: Path):
     return row
 
 
-def _write_table(table: list[dict], results: Path, args) -> None:
-    from d2f.lmeval.table import BatchRow, batch_table, markdown
+SCORE = "exact_match,strict-match"
+
+
+def _point(r) -> tuple[float, float]:
+    """(TPF as d3LLM counts it, accuracy in percent): an AUP point."""
+    return r.tpf_d3llm, 100 * r.scores[SCORE]
+
+
+def _aup(points: list[tuple[float, float]], y_max: float) -> float | None:
+    """AUP of a curve, over the points within 5 of the lowest-TPF one (the leaderboard keeps only
+    those and refuses a curve whose last point is below): None when fewer than one is left."""
+    from d2f.lmeval.aup import Y_MIN_OFFSET, aup
+
+    pts = sorted(p for p in points if p[0] > 0)
+    if not pts or y_max <= 0:
+        return None
+    kept = [p for p in pts if p[1] >= pts[0][1] - Y_MIN_OFFSET]
+    return aup(kept, y_max)
+
+
+def _write_results(world, table, sweep, speeds, results: Path, args, env: str) -> None:
+    from d2f.lmeval.table import markdown
 
     results.mkdir(parents=True, exist_ok=True)
     big = args.big_batch
-    rows = [
-        BatchRow(
-            {"method": c["row"], "model": c["model"]},
-            {1: c["b1"], big: c[f"b{big}"]},
-            baseline=c["strategy"] == "vanilla",
+    y_max = max(100 * r.scores[SCORE] for _, r in table + sweep)
+    sweep_aup = _aup([_point(r) for _, r in sweep], y_max) if sweep else None
+    (base,) = [s for row, _ in table if row.decode["strategy"] == "vanilla" for s in [row.name]]
+    header = ["method", "model", "score", "TPF", "gen len", "TPS b1", "latency b1 (s)"]
+    header += ["speed-up b1", f"TPS b{big}", f"speed-up b{big}", "AUP"]
+    cells, records = [], []
+    for row, r in table:
+        sp, b = speeds[row.name], speeds[base]
+        curve_aup = sweep_aup if row.name == PIPELINED and sweep else _aup([_point(r)], y_max)
+        rec = {
+            "method": row.name,
+            "model": row.model,
+            "strategy": row.decode["strategy"],
+            "score": r.scores[SCORE],
+            "tpf": r.speed["tokens_per_forward"],
+            "tpf_d3llm": r.tpf_d3llm,
+            "gen_len": r.speed["gen_length"],
+            "tps_b1": sp["tps_b1"],
+            "latency_b1_s": sp["latency_b1_s"],
+            "speedup_b1": sp["tps_b1"] / b["tps_b1"],
+            f"tps_b{big}": sp["tps_big"],
+            f"speedup_b{big}": sp["tps_big"] / b["tps_big"],
+            "aup": curve_aup,
+        }
+        records.append(rec)
+        cells.append(
+            [
+                row.name,
+                row.model,
+                f"{100 * rec['score']:.1f}%",
+                f"{rec['tpf']:.2f}",
+                f"{rec['gen_len']:.1f}",
+                f"{rec['tps_b1']:.0f}",
+                f"{rec['latency_b1_s']:.3f}",
+                f"{rec['speedup_b1']:.2f}x",
+                f"{rec[f'tps_b{big}']:.0f}",
+                f"{rec[f'speedup_b{big}']:.2f}x",
+                "n/a" if curve_aup is None else f"{curve_aup:.1f}",
+            ]
         )
-        for c in table
-    ]
-    header, cells = batch_table(rows, 1, big, score="exact_match,strict-match")
-    md = markdown(header, cells, left=len(header))
+    md = markdown(header, cells, left=2)
     note = (
-        f"\nHeld-out split of d2f_tiny_add ({args.n} unseen operand pairs), exact match "
-        "(strict `#### N`), lm-eval. TPF = generated tokens up to and including the first end "
-        f"token per forward; TPS and latency at batch 1 and at batch {big}; speed-up vs "
-        f"vanilla. {environment()}, {platform.machine()} CPU ({os.cpu_count()} cores).\n"
+        f"\nWorld `{world}`: held-out split ({args.n} unseen operand sequences), exact match "
+        "(strict `#### N`), lm-eval, scored at the large batch. TPF = generated tokens up to and "
+        "including the first end token per forward. TPS and latency: one process alternating "
+        f"the rows on the same prompts, best of {args.repeats} rounds ({args.time_n} prompts one "
+        f"by one; {big} prompts in one batch); speed-up vs vanilla. AUP: d3LLM's, TPF as d3LLM "
+        f"counts it, y_max {y_max:.1f}; D2F pipelined's is its threshold sweep's, the other "
+        f"rows' a single point. {env}.\n"
     )
     (results / "table.md").write_text(md + note)
     with open(results / "table.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *cells])
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
     print("\n" + md + note)
+    if sweep:
+        _write_sweep(table, sweep, sweep_aup, y_max, results)
 
 
-def _picture(teacher: Path, adapter: Path, results: Path, spec: WorldSpec) -> None:
+def _write_sweep(table, sweep, sweep_aup, y_max, results: Path) -> None:
+    """The threshold trade-off: the sweep's table and its score-against-TPF plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from d2f.lmeval.table import markdown
+
+    cells = [
+        [f"{a}", f"{c}", f"{100 * r.scores[SCORE]:.1f}%", f"{r.speed['tokens_per_forward']:.2f}"]
+        for (a, c), r in sweep
+    ]
+    md = markdown(["tau_add", "tau_conf", "score", "TPF"], cells, left=0)
+    aup_text = "n/a" if sweep_aup is None else f"{sweep_aup:.1f}"
+    (results / "sweep.md").write_text(
+        md + f"\nD2F student, tau_act 0.95. AUP of the sweep: {aup_text} (y_max {y_max:.1f}).\n"
+    )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = sorted(
+        (r.speed["tokens_per_forward"], 100 * r.scores[SCORE], a, c) for (a, c), r in sweep
+    )
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="D2F student (sweep)")
+    for x, y, a, c in pts:
+        ax.annotate(f"{a}/{c}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    for row, r in table:
+        if row.decode["strategy"] in ("vanilla", "fast_dllm", "ar"):
+            ax.plot(r.speed["tokens_per_forward"], 100 * r.scores[SCORE], "s", label=row.name)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title(f"Threshold trade-off (labels tau_add/tau_conf); AUP {aup_text}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def blocks_in_flight(trace, row: int, block: int) -> tuple[int, bool]:
+    """The most blocks with undecoded or just-committed cells in one step of prompt `row`'s
+    decode, and whether some step shows a semi-activated and a fully activated block at once."""
+    from d2f.render import FULL, NEW, SEMI, decode_grid
+
+    grid = decode_grid(trace, row)
+    most, both = 0, False
+    for cells in grid:
+        per_block = cells.view(-1, block)
+        live = [set(b.tolist()) & {SEMI, FULL, NEW} for b in per_block]
+        most = max(most, sum(1 for s in live if s))
+        codes = set(cells.tolist())
+        both = both or (SEMI in codes and FULL in codes)
+    return most, both
+
+
+def _picture(teacher: Path, adapter: Path, results: Path, spec: WorldSpec, z: Sizes) -> None:
+    """The decode picture of the first held-out problem (of 50) whose decode has two blocks in
+    flight in one step, semi- and fully activated (the first problem if none has)."""
     from d2f.decoding import DecodeConfig, generate
     from d2f.models import load_model
     from d2f.render import render_html, render_png
     from d2f.tinyworld.task import records
 
     model, tok = load_model(teacher, adapter=adapter)
-    question = records(spec.level, "test", 1, spec.seed)[0]["question"]
-    out = generate(model, [question], DecodeConfig(**D2F_DECODE), tokenizer=tok, record=True)
-    render_png(out.trace, results / "decode_student.png", title=f"D2F student: {question}")
-    render_html(out.trace, results / "decode_student.html", tokenizer=tok)
-    print(f"decode picture: {results / 'decode_student.png'}\n  Q: {question}\n  A: {out.texts[0]}")
+    questions = [r["question"] for r in records(spec.level, "test", 50, spec.seed)]
+    out = generate(
+        model, questions, DecodeConfig(strategy="d2f", **d2f_decode(z)), tokenizer=tok, record=True
+    )
+    shown = [blocks_in_flight(out.trace, i, z.student_block) for i in range(len(questions))]
+    pick = next((i for i, (n, both) in enumerate(shown) if n >= 2 and both), 0)
+    question = questions[pick]
+    title = f"D2F student: {question}"
+    render_png(out.trace, results / "decode_student.png", row=pick, title=title)
+    render_html(out.trace, results / "decode_student.html", row=pick, tokenizer=tok)
+    n, both = shown[pick]
+    print(
+        f"decode picture: {results / 'decode_student.png'} (problem {pick}: up to {n} blocks in "
+        f"flight{', semi- and fully activated' if both else ''})\n  Q: {question}\n"
+        f"  A: {out.texts[pick]}"
+    )
 
 
 if __name__ == "__main__":

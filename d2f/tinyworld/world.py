@@ -37,6 +37,27 @@ class WorldSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+# The worlds by name. `add2` is the first edition (one step, ~16 answer tokens: small and fast, the
+# test suite's world); `chain` the second (4 dependent steps, ~42 answer tokens: D2F's regime).
+WORLDS = {
+    "add2": WorldSpec(),
+    "chain": WorldSpec(
+        level="chain",
+        n_train=100_000,
+        d_model=96,
+        n_layers=3,
+        n_heads=4,
+        mlp_hidden_size=288,
+        max_length=80,
+    ),
+}
+
+
+def preset(world: str, kind: str) -> str:
+    """The train preset of a world's model (`teacher`, `ar`, `student`): `d2f/configs/train/`."""
+    return f"tinyworld_{kind}" if world == "add2" else f"tinyworld_{world}_{kind}"
+
+
 @dataclass(frozen=True)
 class World:
     data: Path  # train.jsonl (question, answer)

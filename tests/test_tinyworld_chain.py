@@ -1,0 +1,206 @@
+"""The second-edition miniature world: the `chain` task, and the quickstart's pieces (rows, AUP of
+a sweep, blocks in flight, the side-by-side race), checked without training anything."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+import torch
+
+from d2f.decoding.config import BlockState, StepEvent
+from d2f.tinyworld import quickstart
+from d2f.tinyworld.task import CHAIN_RANGE, CHAIN_STEPS, records
+
+STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+) \.")
+
+
+def _ops(question: str) -> tuple[int, ...]:
+    """The operand sequence a question states (start, then signed steps), parsed from its words."""
+    from d2f.tinyworld.task import CHAIN_GAIN, CHAIN_LOSS
+
+    words = question.replace(",", " ").split()
+    start = int(words[2])
+    steps = []
+    for verb, num in zip(words, words[1:], strict=False):
+        if verb in CHAIN_GAIN and num.isdigit():
+            steps.append(int(num))
+        elif verb in CHAIN_LOSS and num.isdigit():
+            steps.append(-int(num))
+    return (start, *steps)
+
+
+def test_chain_answers_are_dependent_steps_that_add_up():
+    for r in records("chain", "train", 300) + records("chain", "test", 100):
+        ops = _ops(r["question"])
+        assert len(ops) == 1 + CHAIN_STEPS, r
+        steps = STEP.findall(r["answer"])
+        assert len(steps) == CHAIN_STEPS >= 3
+        value = ops[0]
+        for (a, sign, c, b), step in zip(steps, ops[1:], strict=True):
+            a, c, b = int(a), int(c), int(b)
+            assert a == value  # each step starts from the previous result
+            assert (c if sign == "+" else -c) == step  # ... and applies the question's move
+            assert b == a + step and CHAIN_RANGE[0] <= b <= CHAIN_RANGE[1]
+            value = b
+        assert r["answer"].endswith(f"#### {value}")
+
+
+def test_chain_held_out_sequences_never_appear_in_training():
+    test = {_ops(r["question"]) for r in records("chain", "test", 300)}
+    assert len(test) == 300  # distinct
+    train = {_ops(r["question"]) for r in records("chain", "train", 20_000)}
+    assert not test & train
+    assert len(train) > 15_000  # the training split is not a handful of sequences
+
+
+def test_chain_is_deterministic_and_seeded():
+    assert records("chain", "test", 20) == records("chain", "test", 20)
+    assert records("chain", "test", 20, seed=1) != records("chain", "test", 20)
+    with pytest.raises(ValueError, match="give n"):
+        records("chain", "test")
+
+
+def test_chain_answers_are_at_least_40_tokens_with_the_end_token():
+    from d2f.tinyworld.tokenizer import train_tokenizer
+
+    recs = records("chain", "train", 500)
+    tok = train_tokenizer(r["question"] + " " + r["answer"] for r in recs)
+    lengths = [len(tok(r["answer"])["input_ids"]) + 1 for r in recs]
+    assert statistics.median(lengths) >= 40
+    assert tok.unk_token_id not in {i for r in recs for i in tok(r["answer"])["input_ids"]}
+
+
+@pytest.mark.parametrize("world", sorted(quickstart.SIZES))
+def test_leaderboard_rows_cover_the_issue_and_name_one_strategy_each(world):
+    from d2f.decoding import DECODERS, DecodeConfig
+
+    rows = quickstart.rows(world)
+    names = [r.name for r in rows]
+    assert len(set(names)) == len(names)
+    for needed in (
+        "vanilla dLLM",
+        "D2F, no distillation",
+        "D2F, random-schedule student",
+        "D2F cache-only",
+        "D2F pipelined",
+        "autoregressive",
+    ):
+        assert needed in names
+    assert any(r.decode["strategy"] == "fast_dllm" for r in rows)
+    for r in rows:
+        assert r.decode["strategy"] in DECODERS
+        DecodeConfig(**r.decode)  # every row's settings are valid
+        assert r.model in ("teacher", "student", "student_random", "ar")
+
+
+def test_sweep_aup_keeps_only_points_within_five_of_the_first():
+    from d2f.lmeval.aup import aup
+
+    pts = [(1.0, 90.0), (2.0, 88.0), (3.0, 80.0)]  # the last drops 10 points: the leaderboard
+    with pytest.raises(ValueError):  # refuses the whole curve ...
+        aup(pts, 90.0)
+    # ... the table reports the curve of the points it would keep
+    assert quickstart._aup(pts, 90.0) == pytest.approx(aup(pts[:2], 90.0))
+    assert quickstart._aup([(2.0, 50.0)], 90.0) == pytest.approx(100.0)  # one point: rho * y
+
+
+def _event(step, answer_len, block_states, committed_cols):
+    committed = torch.zeros(1, answer_len, dtype=torch.bool)
+    committed[0, committed_cols] = True
+    return StepEvent(
+        step=step,
+        rows=torch.tensor([0]),
+        answer=torch.zeros(1, answer_len, dtype=torch.long),
+        committed=committed,
+        block_state=torch.tensor([block_states], dtype=torch.int8),
+    )
+
+
+def test_blocks_in_flight_counts_blocks_decoding_in_the_same_step():
+    A, S, F = int(BlockState.ABSENT), int(BlockState.SEMI), int(BlockState.FULL)
+    # 3 blocks of 2: block 0 decodes alone, then block 1 (full) and block 2 (semi) together
+    trace = [
+        _event(1, 6, [F, A, A], [0]),
+        _event(2, 6, [F, S, A], [1]),
+        _event(3, 6, [F, F, S], [2]),
+        _event(4, 6, [F, F, F], [3, 4, 5]),
+    ]
+    most, both = quickstart.blocks_in_flight(trace, 0, 2)
+    assert most == 2 and both  # steps 2 and 3: two live blocks, one semi- and one fully activated
+    alone = [_event(1, 4, [F, A], [0, 1]), _event(2, 4, [F, F], [2, 3])]
+    assert quickstart.blocks_in_flight(alone, 0, 2) == (1, False)
+
+
+def test_race_alternates_rows_and_keeps_each_rows_best_round(monkeypatch):
+    from d2f.tinyworld import race
+
+    calls, walls = [], iter([5.0, 9.0, 1.0, 2.0, 3.0, 8.0, 4.0, 1.0])
+
+    def timed(model, prompts, config, batch):
+        calls.append((config, batch))
+        return next(walls), 10
+
+    monkeypatch.setattr(race, "_timed", timed)
+    monkeypatch.setattr(race, "prompt_ids", lambda tok, q: [1, 2])
+    entries = [race.Entry("a", "m", "cfg-a"), race.Entry("b", "m", "cfg-b")]
+    out = race.race(entries, {"m": (None, None)}, ["q"] * 2, ["q"] * 4, big=4, repeats=2)
+    assert [c for c, _ in calls] == ["cfg-a", "cfg-a", "cfg-b", "cfg-b"] * 2  # round by round
+    assert [b for _, b in calls] == [1, 4] * 4
+    # a: batch-1 walls 5 then 3 -> 3; big 9 then 8 -> 8. b: 1 then 4 -> 1; 2 then 1 -> 1
+    assert out["a"] == {"tps_b1": 10 / 3, "latency_b1_s": 3 / 2, "tps_big": 10 / 8}
+    assert out["b"] == {"tps_b1": 10.0, "latency_b1_s": 0.5, "tps_big": 10.0}
+
+
+def test_race_prompts_are_the_lm_eval_models_prompts():
+    """The timed prompts are the ids the lm-eval model decodes (chat template, one BOS)."""
+    from d2f.lmeval.lm import D2FLM
+    from d2f.tinyworld.pretrain import ASSETS
+    from d2f.tinyworld.race import prompt_ids
+
+    lm = D2FLM(pretrained=str(ASSETS / "teacher"), block_size=8, max_new_tokens=24)
+    q = records("add2", "test", 1)[0]["question"]
+    expected = lm._prompt_ids(lm.apply_chat_template([{"role": "user", "content": q}]))
+    assert prompt_ids(lm.tokenizer, q) == expected
+    assert expected.count(lm.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("world", ["add2", "chain"])
+@pytest.mark.parametrize("kind", ["teacher", "ar", "student"])
+def test_every_world_has_its_train_presets(world, kind):
+    import yaml
+
+    from d2f.config import config_dir
+    from d2f.tinyworld.world import WORLDS, preset
+
+    cfg = yaml.safe_load((config_dir() / "train" / f"{preset(world, kind)}.yaml").read_text())
+    assert cfg["objective"] == {"teacher": "mdm", "ar": "ar", "student": "distill"}[kind]
+    if kind == "student":  # the student's blocks are the quickstart's decoding blocks
+        assert cfg["noise"]["block_size"] == quickstart.SIZES[world].student_block
+    if world == "chain" and kind == "student":
+        assert cfg["noise"]["block_size"] >= 8
+    if kind == "teacher":  # the world's records fit its training length (else they are skipped)
+        from d2f.tinyworld.race import prompt_ids
+        from d2f.tinyworld.tokenizer import train_tokenizer
+
+        spec = WORLDS[world]
+        recs = records(spec.level, "train", 200)
+        tok = train_tokenizer(r["question"] + " " + r["answer"] for r in recs)
+        longest = max(
+            len(prompt_ids(tok, r["question"])) + len(tok(r["answer"])["input_ids"]) + 1
+            for r in recs
+        )
+        assert longest <= spec.max_length, (longest, spec.max_length)
+
+
+def test_train_seconds_sums_every_segment_of_a_resumed_run(tmp_path):
+    from d2f.tinyworld.pretrain import train_seconds
+
+    lines = [  # steps 0-100 at 200 ms, 100-150 at 400 ms (a resumed segment), 150-250 at 100 ms
+        '{"step": 100, "ms_per_step": 200.0}',
+        '{"step": 150, "ms_per_step": 400.0}',
+        '{"step": 250, "ms_per_step": 100.0}',
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert train_seconds(tmp_path) == pytest.approx(20.0 + 20.0 + 10.0)
