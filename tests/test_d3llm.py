@@ -570,3 +570,20 @@ def test_kv_one_host_sync_per_step(models, monkeypatch):
     d3llm_decode(model, prompts, cfg, family_of(model), rec)
     monkeypatch.undo()
     assert 0 < count["n"] <= rec.step + 1, (count["n"], rec.step)
+
+
+def test_entropy_counts_the_mask_token_as_released():
+    """d3LLM's entropy is over the full softmax, the mask id included (the released code). The
+    shared `predict` used to set the mask id's logit to -inf IN PLACE, so the entropy computed
+    after it silently left the mask out (found side by side with the released code)."""
+    from d2f.decoding import DecodeConfig
+    from d2f.decoding.common import predict
+    from d2f.decoding.d3llm import entropy
+
+    logits = torch.tensor([[[2.0, 1.0, 3.0, 0.5]]])  # mask id 2 is the most likely token
+    before = logits.clone()
+    x0 = predict(logits, DecodeConfig(), mask_id=2)[0]
+    assert x0.item() == 0  # the mask id is never predicted ...
+    assert torch.equal(logits, before)  # ... and the caller's logits are left alone
+    p = before.double().softmax(-1)
+    assert torch.allclose(entropy(logits), -(p * (p + 1e-12).log()).sum(-1))

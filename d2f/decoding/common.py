@@ -166,8 +166,8 @@ def predict(logits: Tensor, cfg: DecodeConfig, mask_id: int | None, generator=No
     fallback score (`cfg.confidence`: prob, top1 - top2 margin, or negative entropy).
     """
     logits = logits.float()
-    if mask_id is not None:
-        logits[..., mask_id] = float("-inf")
+    if mask_id is not None:  # out of place: the caller's logits stay as they are
+        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
         if cfg.top_k > 0:
