@@ -387,7 +387,8 @@ def test_untrusted_tokenizer_class(tiny_dir, tmp_path, name):
     else:
         with pytest.raises(ValueError, match=r"tokenizer_config.json: field 'tokenizer_class'"):
             load_tokenizer(path)
-    assert time.perf_counter() - start < 5
+    # a hang is what this guards against: generous, so a loaded CI machine does not fail it
+    assert time.perf_counter() - start < 60
 
 
 def test_relative_path_under_an_existing_directory_fails_fast(tmp_path, monkeypatch):

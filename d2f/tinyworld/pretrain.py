@@ -115,9 +115,9 @@ def score(out: Path, model: Path, kind: str, name: str, spec: WorldSpec, n: int)
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m d2f.tinyworld.pretrain", description=__doc__)
-    p.add_argument("--world", choices=sorted(WORLDS), default="chain")
+    p.add_argument("--world", choices=sorted(WORLDS), default="add2")
     p.add_argument("--out", type=Path, default=None, help="default: the shipped assets")
-    p.add_argument("--work", type=Path, default=None, help="default: runs/tinyworld_pretrain_WORLD")
+    p.add_argument("--work", type=Path, default=None, help="default: runs/pretrain_WORLD")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is safest on a busy machine)"
     )
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     name, spec = args.world, WORLDS[args.world]
     out = args.out or assets_dir(name)
-    work = args.work or Path(f"runs/tinyworld_pretrain_{name}")
+    work = args.work or Path(f"runs/pretrain_{name}")
     if work.exists() and any(work.iterdir()) and not (work / _MARKER).exists():
         raise SystemExit(f"--work {work} exists and is not a pretrain work directory")  # not ours
     if args.restart and work.exists():
