@@ -111,3 +111,29 @@ def test_shipped_tokenizer_configs_are_portable(kind):
     cfg = json.loads((ASSETS / kind / "tokenizer_config.json").read_text())
     assert portable_tokenizer_config(cfg) == cfg
     assert not isinstance(cfg.get("extra_special_tokens"), list)
+
+
+@pytest.mark.slow
+def test_quickstart_scores_and_tpf_reproduce_run_to_run(tmp_path):
+    """The README's reproducibility contract: on one machine, same thread count, two quickstart
+    runs into separate (empty) caches give byte-identical student adapters and identical scores and
+    TPF in every row (only the timing columns may differ)."""
+    import csv
+
+    tables, adapters = [], []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "d2f.tinyworld.quickstart", "--out", str(out), "--n", "8"]
+        cmd += ["--big_batch", "4", "--time_n", "1", "--repeats", "1", "--student_steps", "10"]
+        cmd += ["--no_sweep"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        with (out / "results" / "table.csv").open() as f:
+            tables.append(
+                [(r["method"], r["score"], r["tpf"], r["gen_len"]) for r in csv.DictReader(f)]
+            )
+        adapters.append(
+            [p.read_bytes() for p in sorted(out.glob("cache/student*/adapter/*.safetensors"))]
+        )
+    assert tables[0] == tables[1] and len(tables[0]) >= 7
+    assert adapters[0] == adapters[1] and len(adapters[0]) == 2  # ramp and random students

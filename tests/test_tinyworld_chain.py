@@ -204,3 +204,36 @@ def test_train_seconds_sums_every_segment_of_a_resumed_run(tmp_path):
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert train_seconds(tmp_path) == pytest.approx(20.0 + 20.0 + 10.0)
+
+
+def test_learning_curve_scores_each_checkpoint_once_across_resumes(tmp_path, monkeypatch):
+    from d2f.tinyworld import pretrain
+    from d2f.tinyworld.world import WORLDS
+
+    scored = []
+
+    def fake_score(out, model, kind, name, spec, n):
+        step = int(model.parent.name.split("-")[1])
+        scored.append(step)
+        return {"exact_match_strict": step / 10_000}
+
+    monkeypatch.setattr(pretrain, "score", fake_score)
+    run = tmp_path / "run"
+    for step in (1000, 2000):
+        (run / f"checkpoint-{step:06d}").mkdir(parents=True)
+    path, spec = tmp_path / "curve_teacher.json", WORLDS["chain"]
+    first = pretrain.learning_curve(path, pretrain.checkpoints(run), "teacher", "chain", spec, 100)
+    assert scored == [1000, 2000] and [p["step"] for p in first] == [1000, 2000]
+    # a later session: the old checkpoints are gone (a fresh machine), one new one is there
+    for step in (1000, 2000):
+        (run / f"checkpoint-{step:06d}").rmdir()
+    (run / "checkpoint-003000").mkdir()
+    again = pretrain.learning_curve(path, pretrain.checkpoints(run), "teacher", "chain", spec, 100)
+    assert scored == [1000, 2000, 3000]  # only the new one was scored
+    assert [(p["step"], p["exact_match_strict"]) for p in again] == [
+        (1000, 0.1),
+        (2000, 0.2),
+        (3000, 0.3),
+    ]
+    pretrain.learning_curve(path, pretrain.checkpoints(run), "teacher", "chain", spec, 50)
+    assert scored[-1] == 3000  # another sample size is another curve

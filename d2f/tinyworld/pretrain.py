@@ -113,6 +113,29 @@ def score(out: Path, model: Path, kind: str, name: str, spec: WorldSpec, n: int)
     }
 
 
+def learning_curve(
+    path: Path, ckpts: list[Path], kind: str, name: str, spec: WorldSpec, n: int
+) -> list[dict]:
+    """Every checkpoint's held-out score on `n` problems, kept in `path` (JSON) as it goes, so a
+    resumed pretrain scores only the checkpoints it has not scored (a stopped session's
+    checkpoints may be gone by then; their points are not)."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for ckpt in ckpts:
+        step = str(int(ckpt.name.split("-")[1]))
+        if done.get(step, {}).get("n") != n:
+            res = score(
+                path.parent / f"curve_{kind}" / ckpt.name, ckpt / "model", kind, name, spec, n
+            )
+            done[step] = {"n": n, "exact_match_strict": res["exact_match_strict"]}
+            path.write_text(json.dumps(done, indent=1) + "\n")
+            print(f"{kind} step {step}: {res['exact_match_strict']:.3f}", flush=True)
+    return [
+        {"step": int(k), "exact_match_strict": v["exact_match_strict"]}
+        for k, v in sorted(done.items(), key=lambda kv: int(kv[0]))
+        if v["n"] == n
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m d2f.tinyworld.pretrain", description=__doc__)
     p.add_argument("--world", choices=sorted(WORLDS), default="add2")
@@ -157,14 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.teacher_steps if kind == "teacher" else args.ar_steps
         train(world, spec, name, kind, run_dir, args.threads, steps)
         ckpts = checkpoints(run_dir)
-        curve = []
-        for ckpt in ckpts:
-            step = int(ckpt.name.split("-")[1])
-            res = score(
-                work / f"curve_{kind}" / ckpt.name, ckpt / "model", kind, name, spec, args.curve_n
-            )
-            curve.append({"step": step, "exact_match_strict": res["exact_match_strict"]})
-            print(f"{kind} step {step}: {res['exact_match_strict']:.3f}", flush=True)
+        curve = learning_curve(work / f"curve_{kind}.json", ckpts, kind, name, spec, args.curve_n)
         dest = out / kind
         if dest.exists():
             shutil.rmtree(dest)
