@@ -3,6 +3,7 @@ a sweep, blocks in flight, the side-by-side race), checked without training anyt
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 
@@ -237,3 +238,39 @@ def test_learning_curve_scores_each_checkpoint_once_across_resumes(tmp_path, mon
     ]
     pretrain.learning_curve(path, pretrain.checkpoints(run), "teacher", "chain", spec, 50)
     assert scored[-1] == 3000  # another sample size is another curve
+
+
+def test_pretrain_continues_from_a_saved_work_directory(tmp_path, monkeypatch):
+    """`--seed_from`: a committed state (runs + curve) is copied into an empty --work and the runs
+    continue from it (here `train` is stubbed: the trainer's own resume is tested in
+    tests/test_checkpoint.py); a directory that is not a pretrain work directory is refused."""
+    from d2f.tinyworld import pretrain
+
+    saved = tmp_path / "saved"
+    ckpt = saved / "run_ar" / "checkpoint-000500"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "weights").write_text("w")
+    (saved / "run_ar" / "metrics.jsonl").write_text('{"step": 500, "ms_per_step": 100.0}\n')
+    (saved / "curve_ar.json").write_text('{"500": {"n": 4, "exact_match_strict": 0.5}}\n')
+    seen = {}
+
+    def fake_train(world, spec, name, kind, run_dir, threads, steps):
+        seen["checkpoints"] = [p.name for p in pretrain.checkpoints(run_dir)]
+
+    monkeypatch.setattr(pretrain, "train", fake_train)
+    monkeypatch.setattr(pretrain, "build_world", lambda out, spec: None)
+    monkeypatch.setattr(pretrain, "score", lambda *a, **k: {"exact_match_strict": 0.75, "n": 8})
+    args = ["--world", "chain", "--only", "ar", "--curve_n", "4", "--eval_n", "8"]
+    args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="not a pretrain work directory"):
+        pretrain.main([*args, "--seed_from", str(saved)])
+    (saved / ".d2f_pretrain_work").touch()
+    pretrain.main([*args, "--seed_from", str(saved)])
+    assert seen["checkpoints"] == ["checkpoint-000500"]  # the run started from the saved state
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    info = manifest["models"]["ar"]
+    assert info["steps"] == 500 and info["train_wall_s"] == 50.0
+    assert info["learning_curve"]["points"] == [{"step": 500, "exact_match_strict": 0.5}]
+    assert (tmp_path / "out" / "ar" / "weights").read_text() == "w"
+    env = manifest["environment"]
+    assert env["threads"] == 1 and env["torch"] and env["cpu"]

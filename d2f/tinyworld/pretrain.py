@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--only", choices=("teacher", "ar"), default=None, help="train one model")
     p.add_argument("--restart", action="store_true", help="delete --work's runs and start over")
+    p.add_argument(
+        "--seed_from",
+        type=Path,
+        default=None,
+        help="a saved work directory (runs, curves) to continue from when --work has no runs yet "
+        "(e.g. resume/pretrain_chain: a stopped session's state, committed)",
+    )
     args = p.parse_args(argv)
     name, spec = args.world, WORLDS[args.world]
     out = args.out or assets_dir(name)
@@ -160,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--work {work} exists and is not a pretrain work directory")  # not ours
     if args.restart and work.exists():
         shutil.rmtree(work)
+    if args.seed_from is not None and not any(work.glob("run_*/checkpoint-*")):
+        if not (args.seed_from / _MARKER).exists():
+            raise SystemExit(f"--seed_from {args.seed_from} is not a pretrain work directory")
+        shutil.copytree(args.seed_from, work, dirs_exist_ok=True)
+        print(f"continuing from {args.seed_from}", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     (work / _MARKER).touch()
     world = build_world(work / "world", spec)
