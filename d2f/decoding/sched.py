@@ -129,11 +129,15 @@ def prophet_stop(logits: Tensor, p: float, o: ProphetOptions) -> Tensor:
 
 @torch.no_grad()
 def sched_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
-    rule = lambda logits, t, T: sched_stop(logits, t / T, cfg.options)  # noqa: E731
+    def rule(logits: Tensor, t: int, T: int) -> Tensor:
+        return sched_stop(logits, t / T, cfg.options)
+
     vanilla_decode(model, prompts, cfg, family, rec, exit_rule=rule)
 
 
 @torch.no_grad()
 def prophet_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
-    rule = lambda logits, t, T: prophet_stop(logits, t / T, cfg.options)  # noqa: E731
+    def rule(logits: Tensor, t: int, T: int) -> Tensor:
+        return prophet_stop(logits, t / T, cfg.options)
+
     vanilla_decode(model, prompts, cfg, family, rec, exit_rule=rule)
