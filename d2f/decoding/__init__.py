@@ -18,6 +18,7 @@ from d2f.decoding.d3llm import D3LLMOptions
 from d2f.decoding.fast_dllm import FastDLLMOptions
 from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
 from d2f.decoding.freedave import FreeDaveOptions
+from d2f.decoding.sched import ProphetOptions, SchEDOptions
 
 __all__ = [
     "D3LLMOptions",
@@ -30,7 +31,9 @@ __all__ = [
     "FastDLLMOptions",
     "FastDLLMv2Options",
     "FreeDaveOptions",
+    "ProphetOptions",
     "RowStats",
+    "SchEDOptions",
     "StepEvent",
     "encode_prompts",
     "fit_to_context",

@@ -22,6 +22,7 @@ from d2f.decoding.fast_dllm_v2 import fast_dllm_v2_decode
 from d2f.decoding.freedave import freedave_decode
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
+from d2f.decoding.sched import prophet_decode, sched_decode
 from d2f.family import Family, family_of
 
 DECODERS: dict[str, Callable] = {
@@ -34,6 +35,8 @@ DECODERS: dict[str, Callable] = {
     "d3llm": d3llm_decode,
     "fast_dllm_v2": fast_dllm_v2_decode,
     "freedave": freedave_decode,
+    "sched": sched_decode,  # vanilla + SchED early exit
+    "prophet": prophet_decode,  # vanilla + Prophet early commit
 }
 
 

@@ -4,11 +4,14 @@
   fixed number of steps per block, each step one full bidirectional forward over the whole sequence
   (no cache), committing the `n` most confident masked positions of the current block
   (low-confidence remasking; `remasking="random"` picks them at random). Like the original, it
-  always decodes the full length.
+  always decodes the full length. An `exit_rule` (SchED, Prophet: `d2f.decoding.sched`) may stop
+  a row after any forward: its remaining masks all take that forward's predictions.
 * `ar_decode`: greedy (or sampled) next-token decoding of a causal model with a KV cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,8 +38,19 @@ def transfer_schedule(n_masked: Tensor, steps: int) -> Tensor:
     return base[:, None] + (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()
 
 
+# (aligned raw logits (B, G, V) of this forward, step t = 1..T, T) -> (B,) bool: rows that stop
+ExitRule = Callable[[Tensor, int, int], Tensor]
+
+
 @torch.no_grad()
-def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
+def vanilla_decode(
+    model,
+    prompts,
+    cfg: DecodeConfig,
+    family: Family,
+    rec: Recorder,
+    exit_rule: ExitRule | None = None,
+):
     device = next(model.parameters()).device
     mask_id, bs = family.mask_token_id, cfg.block_size
     steps = cfg.steps_per_block or bs
@@ -46,10 +60,12 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
     attn = full_mask(block_ids(batch.valid, torch.full((B,), P, device=device), bs))
     rec.prefill_done()  # no prefill: every step recomputes the whole sequence
     cols = torch.arange(cfg.gen_length, device=device)
+    t, T = 0, cfg.num_blocks * steps  # global step and step budget (the exit rules' progress)
     for k in range(cfg.num_blocks):
         in_block = (cols >= k * bs) & (cols < (k + 1) * bs)  # (G,)
         per_step = transfer_schedule((batch.answer[:, in_block] == mask_id).sum(1), steps)
         for s in range(steps):
+            t += 1
             logits = family.align_logits(forward(model, rec, batch, attn, 0, L))[:, P:]  # (B, G, V)
             x0, conf, _ = predict(logits, cfg, mask_id, gen)
             if cfg.remasking == "random":
@@ -59,9 +75,20 @@ def vanilla_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recor
             order = conf.sort(dim=-1, descending=True, stable=True).indices  # (B, G)
             rank_ok = cols[None] < per_step[:, s : s + 1]  # top-n per row, n = per_step[b, s]
             chosen = torch.zeros_like(masked).scatter(1, order, rank_ok) & masked
+            if exit_rule is not None:  # a stopping row fills every mask left, in any block
+                stop = exit_rule(logits, t, T)  # (B,)
+                chosen = torch.where(stop[:, None], batch.answer == mask_id, chosen)
             batch.answer[:] = torch.where(chosen, x0, batch.answer)
             rec.emit(batch, chosen)
-    rec.finish(batch, torch.ones(B, dtype=torch.bool, device=device))
+            if exit_rule is not None:
+                fin = stop.tolist()  # one sync per step, only with an exit rule
+                if any(fin):
+                    keep = drop_finished(rec, batch, stop, fin)
+                    if keep is None:
+                        rec.close()
+                        return
+                    attn, per_step = attn[keep], per_step[keep]
+    rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()
 
 

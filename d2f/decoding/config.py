@@ -25,6 +25,8 @@ Strategy = Literal[
     "d3llm",
     "fast_dllm_v2",
     "freedave",
+    "sched",
+    "prophet",
 ]
 STRATEGIES: tuple[str, ...] = (
     "d2f",
@@ -36,6 +38,8 @@ STRATEGIES: tuple[str, ...] = (
     "d3llm",
     "fast_dllm_v2",
     "freedave",
+    "sched",
+    "prophet",
 )
 
 

@@ -79,6 +79,10 @@ def rows(world: str) -> tuple[Row, ...]:
     fast = {"strategy": "fast_dllm", **teacher, "tau_conf": 0.9}
     return (
         Row("vanilla dLLM", "teacher", {"strategy": "vanilla", **teacher}),
+        # early exit on vanilla's sampler, the authors' thresholds (SchED: exponential k 16 from
+        # 7.5 to 2.5; Prophet: 7.5 / 5.0 / 2.5 over 5 answer columns, here from column 0)
+        Row("SchED (vanilla + early exit)", "teacher", {"strategy": "sched", **teacher}),
+        Row("Prophet", "teacher", {"strategy": "prophet", **teacher}),
         Row("Fast-dLLM v1 (prefix cache)", "teacher", {**fast, "options": {"cache": "prefix"}}),
         Row("Fast-dLLM v1 (dual cache)", "teacher", {**fast, "options": {"cache": "dual"}}),
         # FreeDave's own defaults (4 drafts per call, dual cache, early exit): lossless w.r.t.
