@@ -81,12 +81,12 @@ def test_credit_matrix_accumulates_with_decay():
     masked = torch.tensor([[T, F]])
     credit = torch.zeros(1, 2, 4)
     alpha, gamma, beta = 0.7, 0.5, 0.8
-    fused = credit_fuse(logits, masked, credit, True, alpha, gamma, beta)
+    fused = credit_fuse(logits, masked, credit, alpha, gamma, beta)
     # first forward: M[0, 0] = 0.25 ** 0.5 = 0.5; the decoded position gains nothing
     want = torch.zeros(1, 2, 4)
     want[0, 0, 0] = alpha * math.log(1.5)
     assert torch.allclose(fused, want)
-    fused = credit_fuse(logits, masked, credit, False, alpha, gamma, beta)
+    fused = credit_fuse(logits, masked, credit, alpha, gamma, beta)
     # second: M[0, 0] = 0.8 * 0.5 + 0.5 = 0.9
     want[0, 0, 0] = alpha * math.log(1.9)
     assert torch.allclose(fused, want)

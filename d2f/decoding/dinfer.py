@@ -116,17 +116,15 @@ def hierarchy_commit(
 
 
 def credit_fuse(
-    logits: Tensor, masked: Tensor, credit: Tensor, first: bool, alpha: float, gamma: float,
-    beta: float,
-):  # fmt: skip
+    logits: Tensor, masked: Tensor, credit: Tensor, alpha: float, gamma: float, beta: float
+) -> Tensor:
     """Credit fusion: (b, W, V) logits, (b, W) masks, the block's (b, W, V) fp32 credit matrix M
     (updated in place) -> (b, W, V) fp32 fused logits `logits + alpha * log(M + 1)`.
 
-    Before the update M *= beta unless this is the block's first forward; then
+    M *= beta (the released code skips it at the block's first forward, where M is zero), then
     M[i, j1_i] += p1_i ** gamma at each masked i, (p1, j1) the top probability and its token.
     """
-    if not first:
-        credit.mul_(beta)
+    credit.mul_(beta)
     p1, j1 = logits.float().softmax(-1).max(-1)  # (b, W) each
     credit.scatter_add_(2, j1[..., None], (p1.pow(gamma) * masked)[..., None])
     return logits.float() + alpha * torch.log(credit + 1)
@@ -186,16 +184,15 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
         if opts.decoder == "credit":
             rows = state["rows"]
-            first = state["credit"] is None
-            if first:  # the block's first forward: a zeroed matrix for every row
+            if state["credit"] is None:  # the block's first forward: zeroed, for every row
                 state["credit"] = torch.zeros(
                     batch.x.shape[0], *preds.shape[1:], dtype=torch.float32, device=device
                 )
             credit = state["credit"][rows]  # (b, bs, V) copy of the rows' matrices
+            o = opts
             preds = credit_fuse(
-                preds, blk == mask_id, credit, first,
-                opts.credit_alpha, opts.credit_gamma, opts.credit_beta,
-            )  # fmt: skip
+                preds, blk == mask_id, credit, o.credit_alpha, o.credit_gamma, o.credit_beta
+            )
             state["credit"][rows] = credit
         return select(preds, blk, opts, mask_id)
 
