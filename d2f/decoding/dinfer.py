@@ -140,21 +140,20 @@ def select(logits: Tensor, blk: Tensor, opts: DInferOptions, mask_id: int) -> tu
     confident mask with the best other token instead (d2f's rule), so decoding always ends.
     """
     masked = blk == mask_id
+    probs = logits.float().softmax(-1)  # (b, W, V) fp32
     if opts.decoder == "hierarchy":  # released: the softmax in the logits' own dtype
         x0 = logits.argmax(-1)
         conf = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0].exp()
         chosen = hierarchy_commit(conf, masked, opts.threshold, opts.low_threshold)
     else:
-        probs = logits.float().softmax(-1)  # (b, W, V) fp32
         x0 = probs.argmax(-1)
         conf = probs.gather(-1, x0[..., None])[..., 0]
         chosen = threshold_commit(conf, masked & (x0 != mask_id), opts.threshold)
     chosen &= x0 != mask_id
     stuck = masked.any(-1, keepdim=True) & ~chosen.any(-1, keepdim=True)  # (b, 1)
-    other = logits.float().index_fill(
-        -1, torch.tensor([mask_id], device=logits.device), float("-inf")
-    )
-    alt_p, alt = other.softmax(-1).max(-1)  # (b, W): best non-mask token, its probability
+    p_mask = probs[..., mask_id]  # (b, W)
+    alt_p, alt = probs.index_fill(-1, torch.tensor([mask_id], device=probs.device), -1.0).max(-1)
+    alt_p = alt_p / (1 - p_mask).clamp_min(1e-30)  # its probability with the mask id excluded
     best = alt_p.masked_fill(~masked, -1.0).argmax(-1)  # (b,)
     forced = torch.nn.functional.one_hot(best, blk.shape[1]).bool() & stuck
     return torch.where(forced, alt, x0), chosen | forced
