@@ -15,6 +15,7 @@ from d2f.decoding.config import (
     StepEvent,
 )
 from d2f.decoding.d3llm import D3LLMOptions
+from d2f.decoding.dinfer import DInferOptions
 from d2f.decoding.fast_dllm import FastDLLMOptions
 from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
 from d2f.decoding.freedave import FreeDaveOptions
@@ -23,6 +24,7 @@ from d2f.decoding.sched import ProphetOptions, SchEDOptions
 __all__ = [
     "D3LLMOptions",
     "DECODERS",
+    "DInferOptions",
     "STRATEGIES",
     "BlockState",
     "DecodeConfig",

@@ -17,6 +17,7 @@ from d2f.decoding.config import (
     StepEvent,
 )
 from d2f.decoding.d3llm import d3llm_decode
+from d2f.decoding.dinfer import dinfer_decode
 from d2f.decoding.fast_dllm import fast_dllm_decode
 from d2f.decoding.fast_dllm_v2 import fast_dllm_v2_decode
 from d2f.decoding.freedave import freedave_decode
@@ -37,6 +38,7 @@ DECODERS: dict[str, Callable] = {
     "freedave": freedave_decode,
     "sched": sched_decode,  # vanilla + SchED early exit
     "prophet": prophet_decode,  # vanilla + Prophet early commit
+    "dinfer": dinfer_decode,
 }
 
 

@@ -27,6 +27,7 @@ Strategy = Literal[
     "freedave",
     "sched",
     "prophet",
+    "dinfer",
 ]
 STRATEGIES: tuple[str, ...] = (
     "d2f",
@@ -40,6 +41,7 @@ STRATEGIES: tuple[str, ...] = (
     "freedave",
     "sched",
     "prophet",
+    "dinfer",
 )
 
 

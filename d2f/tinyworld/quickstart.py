@@ -88,6 +88,8 @@ def rows(world: str) -> tuple[Row, ...]:
         # FreeDave's own defaults (4 drafts per call, dual cache, early exit): lossless w.r.t.
         # static one-token-per-step decoding, so its score is static's
         Row("FreeDave (dual cache)", "teacher", {"strategy": "freedave", **teacher}),
+        # dInfer's own defaults (threshold 0.9 with its tie rule, dual cache, early stop)
+        Row("dInfer (threshold, dual cache)", "teacher", {"strategy": "dinfer", **teacher}),
         Row("D2F, no distillation", "teacher", {"strategy": "d2f", **d2f_decode(z)}),
         Row("D2F, random-schedule student", "student_random", {"strategy": "d2f", **d2f_decode(z)}),
         Row("D2F cache-only", "student", {"strategy": "cache_only", **d2f_decode(z)}),
