@@ -26,6 +26,7 @@ import time
 import torch
 
 from d2f.decoding import DECODERS, DecodeConfig, generate
+from d2f.decoding.api import CAUSAL_STRATEGIES
 from d2f.family import family_of
 from d2f.models import load_model
 
@@ -127,7 +128,7 @@ def main():
             for i in range(bsz)
         ]
         for strategy in args.strategies:
-            causal = strategy == "ar"  # the one strategy for autoregressive models
+            causal = strategy in CAUSAL_STRATEGIES  # the strategies for autoregressive models
             if causal not in models and not args.model:
                 other, _ = build(args, "ar" if causal else "llada")
                 models[causal] = (other, ForwardTimer(other))

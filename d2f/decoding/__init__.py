@@ -19,6 +19,7 @@ from d2f.decoding.dinfer import DInferOptions
 from d2f.decoding.fast_dllm import FastDLLMOptions
 from d2f.decoding.fast_dllm_v2 import FastDLLMv2Options
 from d2f.decoding.freedave import FreeDaveOptions
+from d2f.decoding.jacobi import JacobiOptions
 from d2f.decoding.sched import ProphetOptions, SchEDOptions
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "FastDLLMOptions",
     "FastDLLMv2Options",
     "FreeDaveOptions",
+    "JacobiOptions",
     "ProphetOptions",
     "RowStats",
     "SchEDOptions",

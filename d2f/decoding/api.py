@@ -21,6 +21,7 @@ from d2f.decoding.dinfer import dinfer_decode
 from d2f.decoding.fast_dllm import fast_dllm_decode
 from d2f.decoding.fast_dllm_v2 import fast_dllm_v2_decode
 from d2f.decoding.freedave import freedave_decode
+from d2f.decoding.jacobi import jacobi_decode
 from d2f.decoding.pipeline import d2f_decode
 from d2f.decoding.reference import reference_decode
 from d2f.decoding.sched import prophet_decode, sched_decode
@@ -39,7 +40,10 @@ DECODERS: dict[str, Callable] = {
     "sched": sched_decode,  # vanilla + SchED early exit
     "prophet": prophet_decode,  # vanilla + Prophet early commit
     "dinfer": dinfer_decode,
+    "jacobi": jacobi_decode,
 }
+# strategies for autoregressive (causal) models; every other strategy needs a dLLM
+CAUSAL_STRATEGIES = frozenset({"ar", "jacobi"})
 
 
 def encode_prompts(
@@ -143,10 +147,10 @@ def model_context(model, cfg: DecodeConfig) -> int:
 
 
 def _check_model(family: Family, cfg: DecodeConfig, vocab: int, prompts: list[list[int]]):
-    if cfg.strategy == "ar":
+    if cfg.strategy in CAUSAL_STRATEGIES:
         if not family.causal:
             raise ValueError(
-                f"strategy 'ar' needs an autoregressive model, got a {family.name} dLLM"
+                f"strategy {cfg.strategy!r} needs an autoregressive model, got a {family.name} dLLM"
             )
     else:
         if family.causal:

@@ -28,6 +28,7 @@ Strategy = Literal[
     "sched",
     "prophet",
     "dinfer",
+    "jacobi",
 ]
 STRATEGIES: tuple[str, ...] = (
     "d2f",
@@ -42,6 +43,7 @@ STRATEGIES: tuple[str, ...] = (
     "sched",
     "prophet",
     "dinfer",
+    "jacobi",
 )
 
 

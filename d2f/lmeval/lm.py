@@ -46,6 +46,7 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from d2f.decoding import DecodeConfig, generate
+from d2f.decoding.api import CAUSAL_STRATEGIES
 from d2f.decoding.config import parse_options
 from d2f.family import Family, detect_spec
 from d2f.lmeval.stats import SpeedLog
@@ -118,12 +119,13 @@ def request_seed(seed: int, context: list[int], continuation: list[int]) -> int:
 
 
 def check_strategy(strategy: str, family: Family) -> None:
-    """`ar` decodes autoregressive models only, every other strategy dLLMs only."""
-    if strategy == "ar" and not family.causal:
+    """`ar` and `jacobi` decode autoregressive models only, every other strategy dLLMs only."""
+    causal = strategy in CAUSAL_STRATEGIES
+    if causal and not family.causal:
         raise ValueError(
-            f"d2f: strategy 'ar' needs an autoregressive model, got a {family.name} dLLM"
+            f"d2f: strategy {strategy!r} needs an autoregressive model, got a {family.name} dLLM"
         )
-    if strategy != "ar" and family.causal:
+    if not causal and family.causal:
         raise ValueError(f"d2f: strategy {strategy!r} needs a dLLM; this model is autoregressive")
 
 
