@@ -60,6 +60,18 @@ def _run(model, prompts, counter, **kw):
     return out, counter.calls
 
 
+def _streamed_once(out) -> bool:
+    """The step trace commits every answer position up to and including the first end token
+    exactly once, and nothing after it (an end token inside an accepted prefix cuts it)."""
+    times = torch.zeros(len(out.tokens), CAP, dtype=torch.long)
+    for event in out.trace:
+        times[event.rows] += event.committed[:, :CAP].long()
+    return all(
+        times[i, : row.tokens_with_end].eq(1).all() and times[i, row.tokens_with_end :].eq(0).all()
+        for i, row in enumerate(out.stats.rows)
+    )
+
+
 @pytest.mark.parametrize("which", ["random", "confident"])
 def test_tokens_equal_ar_every_setting(models, which):
     """Ragged batch of 3: `ar`'s tokens for every setting; the hook-counted forwards of the call
@@ -71,8 +83,9 @@ def test_tokens_equal_ar_every_setting(models, which):
     ended = sum(r.hit_end for r in ar.stats.rows)
     assert which == "random" or 0 < ended < len(prompts)  # rows really end at different steps
     for opts in SETTINGS:
-        out, calls = _run(model, prompts, counter, strategy="jacobi", options=opts)
+        out, calls = _run(model, prompts, counter, strategy="jacobi", options=opts, record=True)
         assert out.tokens == ar.tokens, opts
+        assert _streamed_once(out), opts
         assert calls == out.stats.forwards <= ar_calls, opts
         for mine, theirs in zip(out.stats.rows, ar.stats.rows, strict=True):
             assert mine.forwards <= theirs.forwards, opts
@@ -80,16 +93,18 @@ def test_tokens_equal_ar_every_setting(models, which):
 
 
 def test_shipped_ar_same_answers_in_fewer_forwards(models):
-    """The shipped AR (confident, repetitive answers): `ar`'s tokens; strictly fewer forwards with
-    the authors' settings, never more with any."""
+    """The shipped AR (confident, repetitive answers): `ar`'s tokens, each streamed once (here end
+    tokens also fall inside accepted prefixes); strictly fewer forwards with the authors'
+    settings, never more with any."""
     model = models["shipped"]
     counter = Counter(model)
     prompts = _questions(models["tokenizer"])
     ar, ar_calls = _run(model, prompts, counter, strategy="ar")
     assert all(r.hit_end for r in ar.stats.rows)
     for opts in ({}, {"blocks": 1}, {"pool_size": 0}, {"chunk": 8, "spawn_ratio": 0.5}):
-        out, calls = _run(model, prompts, counter, strategy="jacobi", options=opts)
+        out, calls = _run(model, prompts, counter, strategy="jacobi", options=opts, record=True)
         assert out.tokens == ar.tokens, opts
+        assert _streamed_once(out), opts
         assert calls <= ar_calls, opts
         assert all(
             m.forwards <= t.forwards for m, t in zip(out.stats.rows, ar.stats.rows, strict=True)
