@@ -95,6 +95,9 @@ def rows(world: str) -> tuple[Row, ...]:
         Row("D2F cache-only", "student", {"strategy": "cache_only", **d2f_decode(z)}),
         Row("D2F pipelined", "student", {"strategy": "d2f", **d2f_decode(z)}),
         Row("autoregressive", "ar", {"strategy": "ar", **teacher}),
+        # Jacobi Forcing's decoder with its authors' defaults (chunk 64, 2 blocks, pool 4):
+        # lossless w.r.t. greedy AR, so its score is the AR row's
+        Row("Jacobi (AR)", "ar", {"strategy": "jacobi", **teacher}),
         # d3LLM's own defaults (entropy threshold 0.5, early stop; tau_add 0.1, tau_act 0.95)
         Row("d3LLM multi-block", "teacher", {"strategy": "d3llm", **teacher}),
         Row(
