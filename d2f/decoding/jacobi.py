@@ -197,26 +197,24 @@ def settle(row: Row, ends, cap: int) -> None:
         row.done = True
 
 
-def keep_accepted(kv, valid: Tensor, chosen: Tensor, kept: Tensor):
+def keep_accepted(kv, T: int, chosen: Tensor, kept: Tensor, length: list[int]):
     """The cache after a forward: each row keeps its chosen draft row's first `kept` new columns.
 
-    kv: per layer (keys, values) (N, H, T + W, D) after the forward over a W-column window; valid
-    (B, T) bool, the committed columns of each row before it (right-aligned); chosen (B,) long,
-    the draft row of each row; kept (B,) long. Returns kv (B, H, T', D) and valid (B, T'), every
-    row's committed KV right-aligned again, T' = the longest row.
+    kv: per layer (keys, values) (N, H, T + W, D) after a forward over a W-column window, each
+    row's committed KV right-aligned in the first T columns; chosen (B,) long, the draft row of
+    each row; kept (B,) long; length: each row's committed tokens after (host ints, no sync).
+    Returns kv (B, H, T', D) and its validity (B, T') bool, every row's committed KV right-aligned
+    again, T' = max(length).
     """
-    T = valid.shape[1]
-    length = valid.sum(1) + kept  # (B,) committed columns after
-    T2 = int(length.max())
-    cols = torch.arange(T2, device=valid.device)
-    src = (T + kept - T2)[:, None] + cols[None]  # (B, T') source column, row end -> T'
-    new_valid = cols[None] >= (T2 - length)[:, None]
-    src = src.clamp(min=0)
+    T2 = max(length)
+    cols = torch.arange(T2, device=kept.device)
+    src = ((T + kept - T2)[:, None] + cols[None]).clamp(min=0)  # (B, T') source column
+    valid = cols[None] >= T2 - torch.tensor(length, device=kept.device)[:, None]
     out = []
     for k, v in kv:
         idx = src[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         out.append((k[chosen].gather(2, idx), v[chosen].gather(2, idx)))
-    return out, new_valid
+    return out, valid
 
 
 @torch.no_grad()
@@ -289,8 +287,9 @@ def jacobi_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
             chosen.append(first_of[b] + best)
             kept.append(acc)
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        as_long = torch.tensor(chosen, device=device), torch.tensor(kept, device=device)
-        kv, kv_valid = keep_accepted(new_kv, kv_valid, *as_long)
+        chosen, kept = torch.tensor(chosen, device=device), torch.tensor(kept, device=device)
+        length = [len(r.prompt) + len(r.answer) for r in rows]
+        kv, kv_valid = keep_accepted(new_kv, T, chosen, kept, length)
         _write_answers(batch, rows, P)
         _emit(rec, batch, rows, before)
     rec.close()
