@@ -136,6 +136,20 @@ def learning_curve(
     ]
 
 
+def reproducing_command(args: argparse.Namespace) -> str:
+    """The command that rebuilds these models from nothing: the settings that change them, not
+    where the runs lived or which saved state they continued from (resuming is exact)."""
+    parts = [
+        "python -m d2f.tinyworld.pretrain",
+        f"--world {args.world}",
+        f"--threads {args.threads}",
+    ]
+    for flag in ("teacher_steps", "ar_steps", "eval_n", "curve_n"):
+        if getattr(args, flag) is not None:
+            parts.append(f"--{flag} {getattr(args, flag)}")
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m d2f.tinyworld.pretrain", description=__doc__)
     p.add_argument("--world", choices=sorted(WORLDS), default="add2")
@@ -179,11 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest = {
-        "command": "python -m d2f.tinyworld.pretrain " + " ".join(argv or sys.argv[1:]),
+        "command": reproducing_command(args),
         "world_name": name,
         "world": asdict(spec),
         "seed": spec.seed,
         "environment": environment(args.threads),
+        "continued_from": str(args.seed_from) if args.seed_from else None,
         "models": old.get("models", {}) if old.get("world") == asdict(spec) else {},
     }
     kinds = [args.only] if args.only else ["teacher", "ar"]
