@@ -134,24 +134,44 @@ def test_blocks_in_flight_counts_blocks_decoding_in_the_same_step():
     assert quickstart.blocks_in_flight(alone, 0, 2) == (1, False)
 
 
-def test_race_alternates_rows_and_keeps_each_rows_best_round(monkeypatch):
+def test_race_alternates_rows_prompt_by_prompt_and_keeps_each_prompts_best(monkeypatch):
     from d2f.tinyworld import race
 
-    calls, walls = [], iter([5.0, 9.0, 1.0, 2.0, 3.0, 8.0, 4.0, 1.0])
+    calls = []
+    # (config, batch, first prompt id) -> wall per round; tokens are the prompt's first id
+    walls = {
+        ("cfg-a", 1, 10): [5.0, 3.0],
+        ("cfg-b", 1, 10): [1.0, 4.0],
+        ("cfg-a", 1, 20): [2.0, 6.0],
+        ("cfg-b", 1, 20): [7.0, 0.5],
+        ("cfg-a", 4, 10): [9.0, 8.0],
+        ("cfg-b", 4, 10): [2.0, 1.0],
+    }
+    seen: dict = {}
 
     def timed(model, prompts, config, batch):
-        calls.append((config, batch))
-        return next(walls), 10
+        key = (config, batch, prompts[0][0])
+        calls.append(key)
+        n = seen[key] = seen.get(key, -1) + 1
+        return walls[key][n], sum(p[0] for p in prompts)
 
     monkeypatch.setattr(race, "_timed", timed)
-    monkeypatch.setattr(race, "prompt_ids", lambda tok, q: [1, 2])
+    monkeypatch.setattr(race, "prompt_ids", lambda tok, q: [int(q)])
     entries = [race.Entry("a", "m", "cfg-a"), race.Entry("b", "m", "cfg-b")]
-    out = race.race(entries, {"m": (None, None)}, ["q"] * 2, ["q"] * 4, big=4, repeats=2)
-    assert [c for c, _ in calls] == ["cfg-a", "cfg-a", "cfg-b", "cfg-b"] * 2  # round by round
-    assert [b for _, b in calls] == [1, 4] * 4
-    # a: batch-1 walls 5 then 3 -> 3; big 9 then 8 -> 8. b: 1 then 4 -> 1; 2 then 1 -> 1
-    assert out["a"] == {"tps_b1": 10 / 3, "latency_b1_s": 3 / 2, "tps_big": 10 / 8}
-    assert out["b"] == {"tps_b1": 10.0, "latency_b1_s": 0.5, "tps_big": 10.0}
+    out = race.race(entries, {"m": (None, None)}, ["10", "20"], ["10"] * 4, big=4, repeats=2)
+    one_round = [
+        ("cfg-a", 1, 10),
+        ("cfg-b", 1, 10),  # prompt 1: a then b
+        ("cfg-b", 1, 20),
+        ("cfg-a", 1, 20),  # prompt 2: rotated, b first
+        ("cfg-a", 4, 10),
+        ("cfg-b", 4, 10),  # the large batch, row by row
+    ]
+    assert calls == one_round * 2
+    # a: prompt 1 best of 5, 3 -> 3; prompt 2 best of 2, 6 -> 2; 30 tokens in 5 s
+    assert out["a"] == {"tps_b1": 30 / 5, "latency_b1_s": 5 / 2, "tps_big": 40 / 8}
+    # b: prompt 1 -> 1, prompt 2 -> 0.5 (the best of each prompt, not of a whole round)
+    assert out["b"] == {"tps_b1": 30 / 1.5, "latency_b1_s": 1.5 / 2, "tps_big": 40 / 1}
 
 
 def test_race_prompts_are_the_lm_eval_models_prompts():

@@ -1,12 +1,14 @@
 """Side-by-side timing of the leaderboard's rows: one process, the same prompts, strategies alternated.
 
 On a noisy machine, rows timed minutes apart are not comparable (the first edition's D2F/AR ratio
-moved from 0.91x to 2.1x between runs). `race` loads every model once, then runs `repeats` rounds;
-in each round every row decodes the same prompts, one row after another, at batch 1 (each prompt
-alone) and at the large batch (all prompts in batches of `big`). A row's time is its best round
-(the least disturbed one), so every ratio in the table comes from rounds that ran within seconds
-of each other. Prompts are the held-out questions under the model's chat template, one BOS, as the
-lm-eval model (`d2f.lmeval.lm`) builds them.
+moved from 0.91x to 2.1x between runs). `race` loads every model once, then runs `repeats` rounds.
+At batch 1 the rows alternate prompt by prompt: each prompt is decoded by every row in turn (the
+order rotated from prompt to prompt, so no row always runs first) before the next prompt, and a
+row's time on a prompt is its best over the rounds (its least disturbed run); its batch-1 time is
+the sum over prompts. At the large batch every row decodes the batch questions (in batches of
+`big`) one row after another, and a row's time is its best round. So every ratio in the table
+comes from runs milliseconds to seconds apart. Prompts are the held-out questions under the
+model's chat template, one BOS, as the lm-eval model (`d2f.lmeval.lm`) builds them.
 """
 
 from __future__ import annotations
@@ -70,25 +72,34 @@ def race(
         )
         for name, (_, tok) in models.items()
     }
-    best: dict[str, dict[str, float]] = {}
-    total = repeats * len(entries) * 2
+    names = [e.name for e in entries]
+    b1 = {name: [float("inf")] * len(questions) for name in names}  # best wall per prompt
+    b1_tokens = {name: [0] * len(questions) for name in names}
+    big_s = dict.fromkeys(names, float("inf"))
+    big_tokens = dict.fromkeys(names, 0)
+    total = repeats * (len(questions) + 1) * len(entries)
     with tqdm(total=total, desc="side-by-side timing", dynamic_ncols=True) as bar:
         for _ in range(repeats):
+            for i in range(len(questions)):
+                k = i % len(entries)
+                for entry in [*entries[k:], *entries[:k]]:  # rotated: no row always first
+                    wall, tokens = _timed(
+                        models[entry.model][0], ids[entry.model][0][i : i + 1], entry.config, 1
+                    )
+                    b1[entry.name][i] = min(b1[entry.name][i], wall)
+                    b1_tokens[entry.name][i] = tokens
+                    bar.update(1)
             for entry in entries:
-                model = models[entry.model][0]
-                small, large = ids[entry.model]
-                wall1, tok1 = _timed(model, small, entry.config, 1)
+                wall, tokens = _timed(
+                    models[entry.model][0], ids[entry.model][1], entry.config, big
+                )
+                big_s[entry.name], big_tokens[entry.name] = min(big_s[entry.name], wall), tokens
                 bar.update(1)
-                wall_b, tok_b = _timed(model, large, entry.config, big)
-                bar.update(1)
-                cur = best.setdefault(entry.name, {"b1_s": wall1, "big_s": wall_b})
-                cur["b1_s"], cur["big_s"] = min(cur["b1_s"], wall1), min(cur["big_s"], wall_b)
-                cur["b1_tokens"], cur["big_tokens"] = tok1, tok_b
     return {
         name: {
-            "tps_b1": t["b1_tokens"] / t["b1_s"],
-            "latency_b1_s": t["b1_s"] / len(questions),
-            "tps_big": t["big_tokens"] / t["big_s"],
+            "tps_b1": sum(b1_tokens[name]) / sum(b1[name]),
+            "latency_b1_s": sum(b1[name]) / len(questions),
+            "tps_big": big_tokens[name] / big_s[name],
         }
-        for name, t in best.items()
+        for name in names
     }
