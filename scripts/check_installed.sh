@@ -22,7 +22,10 @@ top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith((".
 assert top == ["d2f"], f"wheel top-level entries: {top} (only d2f expected)"
 for need in ("d2f/configs/tiny.yaml", "d2f/configs/accelerate/ddp.yaml",
              "d2f/lmeval/tasks/d2f_tiny_add.yaml", "d2f/lmeval/tasks/data/gsm8k_local.jsonl",
-             "d2f/tinyworld/assets/teacher/model.safetensors"):
+             "d2f/tinyworld/assets/teacher/model.safetensors",
+             "d2f/tinyworld/assets/chain/teacher/model.safetensors",
+             "d2f/tinyworld/assets/chain/ar/tokenizer.json",
+             "d2f/tinyworld/assets/chain/manifest.json"):
     assert need in names, f"wheel lacks {need}"
 print(f"wheel ok: {len(names)} files, top level {top}")
 PY
@@ -52,7 +55,8 @@ PY
   train.max_steps=3 train.save_every=3 train.output_dir=train_run
 test -d train_run/checkpoint-000003/adapter
 echo "== python -m d2f.tinyworld.quickstart (shrunk)"
-"$VPY" -m d2f.tinyworld.quickstart --out quickstart --n 4 --big_batch 2 --student_steps 4
+"$VPY" -m d2f.tinyworld.quickstart --out quickstart --n 4 --big_batch 2 --student_steps 4 \
+  --time_n 2 --repeats 1
 test -f quickstart/results/table.md
 echo "== python -m d2f.eval"
 "$VPY" -m d2f.eval --model d2f \

@@ -94,6 +94,8 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
         sys.executable,
         "-m",
         "d2f.tinyworld.quickstart",
+        "--world",
+        "add2",
         "--out",
         str(out),
         "--fresh",

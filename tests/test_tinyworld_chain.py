@@ -294,3 +294,38 @@ def test_pretrain_continues_from_a_saved_work_directory(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "ar" / "weights").read_text() == "w"
     env = manifest["environment"]
     assert env["threads"] == 1 and env["torch"] and env["cpu"]
+
+
+def test_students_build_in_parallel_and_a_failure_is_not_swallowed(tmp_path):
+    """The quickstart distils its two students at once: both jobs run concurrently (each waits
+    for the other to start), their results come back by name, and a failing job's error reaches
+    the caller instead of a half-built table."""
+    import threading
+
+    started = threading.Barrier(2, timeout=10)
+
+    def job(name):
+        started.wait()  # deadlocks (BrokenBarrierError after 10 s) unless both run at once
+        return tmp_path / name
+
+    out = quickstart.build_in_parallel(
+        {"student": lambda: job("a"), "student_random": lambda: job("b")}, 2, tmp_path, 10
+    )
+    assert out == {"student": tmp_path / "a", "student_random": tmp_path / "b"}
+
+    def broken():
+        raise RuntimeError("trainer failed")
+
+    with pytest.raises(RuntimeError, match="trainer failed"):
+        quickstart.build_in_parallel(
+            {"student": broken, "student_random": lambda: 1}, 2, tmp_path, 1
+        )
+
+
+def test_progress_reads_the_last_logged_step(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert quickstart._last_step(metrics) == 0  # not written yet
+    metrics.write_text('{"step": 25, "loss": 1.0}\n{"step": 50, "loss": 0.5}\n')
+    assert quickstart._last_step(metrics) == 50
+    metrics.write_text('{"step": 25}\n{"ste')  # a line being written
+    assert quickstart._last_step(metrics) == 0
