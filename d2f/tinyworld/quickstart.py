@@ -210,8 +210,9 @@ def build_in_parallel(jobs: dict[str, Callable[[], Path]], workers: int, root: P
         with tqdm(total=total * len(jobs), desc=f"distil {len(jobs)} students", unit="step") as bar:
             while not all(f.done() for f in futures.values()):
                 steps = sum(_last_step(m) for m in root.glob(".student*.tmp/run/metrics.jsonl"))
-                bar.n = max(bar.n, min(steps, bar.total))
-                bar.refresh()
+                if min(steps, bar.total) > bar.n:  # redraw on progress only (quiet in a log file)
+                    bar.n = min(steps, bar.total)
+                    bar.refresh()
                 time.sleep(2.0)
             bar.n = bar.total
             bar.refresh()
