@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=None,
         help="a saved work directory (runs, curves) to continue from when --work has no runs yet "
-        "(e.g. resume/pretrain_chain: a stopped session's state, committed)",
+        "(e.g. a stopped session's state, committed or copied from another machine)",
     )
     args = p.parse_args(argv)
     name, spec = args.world, WORLDS[args.world]
