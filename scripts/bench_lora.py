@@ -18,6 +18,7 @@ Every round runs each variant once, in a fresh random order; each variant keeps 
 
     python scripts/bench_lora.py
     python scripts/bench_lora.py --model DIR --adapter DIR --repeats 20
+    python scripts/bench_lora.py --hidden 512 --layers 8    # a random LLaDA of that size
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default=str(TEACHER), help="base checkpoint (default: tiny teacher)")
+    p.add_argument("--hidden", type=int, default=0, help="> 0: a random LLaDA this wide instead")
+    p.add_argument("--layers", type=int, default=2, help="layers of the --hidden random model")
     p.add_argument("--adapter", default=None, help="LoRA adapter (default: a random r-16 one)")
     p.add_argument("--rank", type=int, default=16, help="rank of the random adapter")
     p.add_argument("--prompt_len", type=int, default=27, help="tokens per random-id prompt")
@@ -95,6 +98,18 @@ def main() -> None:
     if min(args.prompt_len, args.block_size, args.prompts, args.calls, args.repeats) < 1:
         p.error("--prompt_len, --block_size, --prompts, --calls and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.hidden > 0:
+        from d2f.tiny import write_tiny_checkpoint
+
+        sizes = {
+            "d_model": args.hidden,
+            "n_layers": args.layers,
+            "n_heads": max(args.hidden // 64, 1),
+        }
+        sizes["mlp_hidden_size"] = 3 * args.hidden
+        args.model = str(
+            write_tiny_checkpoint(tempfile.mkdtemp(prefix="lora_base_"), "llada", **sizes)
+        )
     adapter = args.adapter or random_adapter(
         args.model, tempfile.mkdtemp(prefix="lora_"), args.rank
     )
