@@ -12,8 +12,9 @@ written as two `F.linear` calls per wrapped layer, i.e. the cost of the LoRA mat
   forward: the miniature world's held-out questions for the default model (chat template, 25-27
   tokens), random ids of `--prompt_len` otherwise.
 
-Every round runs each variant once, in a fresh random order; each variant keeps its best round
-(`--repeats` rounds), and the ratios are to `merged`. All variants must give the same tokens
+Every round runs one call (one prompt's decode) of each variant, in a fresh random order; each
+variant keeps its fastest call (each prompt's fastest decode) over `--repeats` x `--calls` rounds
+(`--repeats` per prompt), and the ratios are to `merged`. All variants must give the same tokens
 (checked). CPU, `--threads` torch threads (default 1); compare ratios, not absolute times.
 
     python scripts/bench_lora.py
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--block_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--prompts", type=int, default=20, help="random prompts per decode round")
-    p.add_argument("--calls", type=int, default=30, help="forwards per call round")
+    p.add_argument("--calls", type=int, default=30, help="call rounds per repeat")
     p.add_argument("--repeats", type=int, default=10, help="rounds; each variant keeps its best")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -166,27 +167,32 @@ def main() -> None:
     if not all(same.values()):
         raise SystemExit(f"the adapted variants decode different tokens: {same}")
 
-    best = {name: [float("inf"), float("inf")] for name in variants}  # call ms, decode ms/prompt
-    for _ in range(args.repeats):
-        order = list(variants)
-        rng.shuffle(order)
-        for name in order:
-            model = variants[name]
-            with torch.no_grad():
+    # Alternate at the finest grain: one call (one prompt's decode) of each variant in a fresh
+    # random order, so that load from other processes hits every variant alike; keep each one's
+    # minimum per call (per prompt) over the rounds.
+    call_ms = {name: float("inf") for name in variants}
+    with torch.no_grad():
+        for _ in range(args.repeats * args.calls):
+            for name in rng.sample(list(variants), len(variants)):
                 t0 = time.perf_counter()
-                for _ in range(args.calls):
-                    one_call(model)
-                call_ms = (time.perf_counter() - t0) / args.calls * 1e3
-            t0 = time.perf_counter()
-            decode(model)
-            decode_ms = (time.perf_counter() - t0) / args.prompts * 1e3
-            best[name] = [min(best[name][0], call_ms), min(best[name][1], decode_ms)]
+                one_call(variants[name])
+                call_ms[name] = min(call_ms[name], (time.perf_counter() - t0) * 1e3)
+    prompt_ms = {name: [float("inf")] * len(prompts) for name in variants}
+    for _ in range(args.repeats):
+        for i, q in enumerate(prompts):
+            for name in rng.sample(list(variants), len(variants)):
+                t0 = time.perf_counter()
+                generate(variants[name], [q], cfg)
+                ms = (time.perf_counter() - t0) * 1e3
+                prompt_ms[name][i] = min(prompt_ms[name][i], ms)
+    best = {name: [call_ms[name], sum(prompt_ms[name]) / len(prompts)] for name in variants}
 
     ref = best["merged"]
     print(
         f"\n{args.model} + {args.adapter or f'random r {args.rank} adapter'}; {L}-column call; "
         f"{args.prompts} prompts x {args.max_new_tokens} tokens (d2f, batch 1); "
-        f"best of {args.repeats}, {args.threads} thread(s). decode: ms per prompt and per forward "
+        f"fastest of {args.repeats * args.calls} calls, {args.repeats} decodes per prompt, alternated; "
+        f"{args.threads} thread(s). decode: ms per prompt and per forward "
         "(base decodes other tokens: compare it per forward)"
     )
     head = ("variant", "call ms", "x merged", "forwards", "decode ms", "ms/forward", "x merged")

@@ -76,8 +76,13 @@ def main() -> None:
     config = LLaDAConfig.from_pretrained(ours["teacher"])
     model = LLaDAModelLM.from_pretrained(ours["teacher"], config=config, torch_dtype=torch.float32)
     model.eval()
-    calls = [0]
-    model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    calls, widths = [0], []
+
+    def count(module, args):
+        calls[0] += 1
+        widths.append(args[0].shape[1])  # their loop passes the input ids positionally
+
+    model.register_forward_pre_hook(count)
     stub = types.SimpleNamespace(
         model=model,
         device="cpu",
@@ -106,11 +111,12 @@ def main() -> None:
     ]
     for strategy, label, end_ids, tau_add in runs:
         stub.end_ids, stub.block_add_threshold = set(end_ids), tau_add
-        theirs = []
+        theirs, first_is_prompt_and_block = [], 0
         for p in ours["ids"]:
-            calls[0] = 0
+            calls[0], widths[:] = 0, []
             seq = stub._generate_block_single(torch.tensor([p]))
             theirs.append({"tokens": seq, "calls": calls[0]})
+            first_is_prompt_and_block += widths[0] == len(p) + s["block_size"]
         rows = ours[strategy]
         diff = collections.Counter(
             o["calls"] - t["calls"] for o, t in zip(rows, theirs, strict=True)
@@ -122,7 +128,8 @@ def main() -> None:
         print(
             f"{strategy} (tau_add {tau_add}) vs theirs, blocks stop on {label}: calls d2f "
             f"{sum(o['calls'] for o in rows)}, theirs {sum(t['calls'] for t in theirs)}; per prompt "
-            f"d2f - theirs {dict(sorted(diff.items()))}; tokens equal {same}/{len(rows)}"
+            f"d2f - theirs {dict(sorted(diff.items()))}; tokens equal {same}/{len(rows)}; their "
+            f"first call is prompt + one block on {first_is_prompt_and_block}/{len(rows)}"
         )
         results[f"{strategy}/{label}"] = theirs
     save("theirs_d2f_calls", results)
