@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     parser.add_argument("--adapter", default=None, help="LoRA adapter: hub id or directory")
+    parser.add_argument(
+        "--merge_adapter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the LoRA adapter into the weights for decoding (same tokens; an unmerged "
+        "adapter costs peft's per-layer overhead on every call, docs/decoding.md)",
+    )
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (None: the checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (None: cpu)")
@@ -143,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = DecodeConfig(**{**chosen, "strategy": strategy})
         check_device(args.device)
         model, tok = load_model(
-            args.model, adapter=args.adapter, dtype=args.dtype, device=args.device
+            args.model,
+            adapter=args.adapter,
+            dtype=args.dtype,
+            device=args.device,
+            merge_adapter=args.merge_adapter,
         )
     except (ValueError, TypeError, OSError) as err:
         parser.error(str(err))
@@ -162,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     if printer.shown != out.texts[0]:  # what streaming could not show in order
         print(f"\n{out.texts[0]}")
     print(f"\n\n[{cfg.strategy}] {out.stats.summary()}")
+    if args.adapter is not None:  # what the loaded model is, not what was asked
+        from peft import PeftModel
+
+        unmerged = isinstance(model, PeftModel)
+        how = "unmerged (--no-merge_adapter)" if unmerged else "merged into the weights"
+        print(f"[adapter] {args.adapter}: {how}")
     if args.picture:
         from d2f.render import render_html, render_png
 

@@ -56,7 +56,13 @@ class ForwardTimer:
 def build(args, family: str = "llada"):
     """The benchmarked model: `--model`, or a random `family` checkpoint ("llada" or "ar")."""
     if args.model:
-        return load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+        return load_model(
+            args.model,
+            adapter=args.adapter,
+            dtype=args.dtype,
+            device=args.device,
+            merge_adapter=args.merge_adapter,
+        )
     from d2f.tiny import write_tiny_checkpoint
 
     sizes = {}
@@ -90,6 +96,12 @@ def main():
     )
     p.add_argument("--model", default=None, help="checkpoint (default: a tiny random LLaDA)")
     p.add_argument("--adapter", default=None)
+    p.add_argument(
+        "--merge_adapter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the adapter into the weights (default; scripts/bench_lora.py compares both)",
+    )
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--hidden", type=int, default=0, help="random model width (default tiny)")

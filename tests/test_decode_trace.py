@@ -51,6 +51,7 @@ class SeeingLM(nn.Module):
             use_chat_template=False,
         )
         self.forwards = 0
+        self.shapes = []  # (window columns, key columns) of every call
 
     def forward(
         self, input_ids, attention_mask, position_ids, use_cache=False, cache=None, **old_name
@@ -62,6 +63,7 @@ class SeeingLM(nn.Module):
             keys = cache.update(keys, keys, 0)[0]  # (B, 1, K, 1): cached prefix + window
         keys = keys[:, 0, :, 0].long()  # (B, K)
         visible = attention_mask[:, 0] == 0  # (B, W, K)
+        self.shapes.append(tuple(visible.shape[1:]))
         n = (visible & (keys != MASK)[:, None, :]).sum(-1)  # (B, W)
         k = (position_ids - 3) % 4  # (B, W); prompt positions are never predicted
         logits = torch.zeros(*input_ids.shape, VOCAB)  # (B, W, V)
@@ -80,11 +82,11 @@ def test_hand_worked_d2f_trace():
     0.9980 at s = 4, 0.9993 at s = 5, so tau_conf = 0.999 commits exactly when s >= 5; a fully
     activated block that commits none takes its highest s (its earliest masked position).
 
-    prefill: the prompt, cached (forward 1).
-    step 1: block 1 added and fully active (the prompt counts as decoded). Window 3-6, n = 3:
-      s = 3, 1, -1, -3 -> none above; fallback position 3, token 1 + 3 % 5 = 4.
-    step 2: block 1 is 1/4 decoded < tau_add: no block added. n = 4: s(4) = 2 -> fallback 4,
-      token 5.
+    step 1: block 1 added and fully active (the prompt counts as decoded). No separate prefill:
+      one call over the prompt and block 1, window 0-6 (the prompt's KV, 0-2, is cached). Block 1
+      sees n = 3: s = 3, 1, -1, -3 -> none above; fallback position 3, token 1 + 3 % 5 = 4.
+    step 2: block 1 is 1/4 decoded < tau_add: no block added. Window 3-6 over the cached 0-2.
+      n = 4: s(4) = 2 -> fallback 4, token 5.
     step 3: 2/4 >= tau_add: block 2 added, semi-active (2/4 < tau_act). Window 3-10. Block 1: n = 5,
       s(5) = 1 -> fallback 5, token 1. Block 2 sees the prompt and block 1: n = 5, s(7) = 5 -> 7
       commits (token 1); s(8) = 3, s(9) = 1, s(10) = -1 do not; semi-active: no fallback.
@@ -95,14 +97,16 @@ def test_hand_worked_d2f_trace():
       n = 9: s(9) = 5 commits (token 5), s(10) = 3 does not.
     step 6: window 7-10 over the cached 0-6 (the sliced mask). n = 10, s(10) = 4 -> fallback 10,
       token 1.
-    step 7: every block complete: the row stops without a forward. Forwards: 1 + 6 = 7.
+    step 7: every block complete: the row stops without a forward. Forwards: 6, one per step
+    (a separate prefill would make 7); calls (window, keys): (7, 7), (4, 7), (8, 11) x 3, (4, 11).
     """
     model = SeeingLM()
     out = generate(model, [PROMPT], CFG, record=True)
     commits = [e.committed[0].nonzero()[:, 0].tolist() for e in out.trace]
     assert commits == WANT_COMMITS
     assert out.tokens == [WANT_TOKENS]
-    assert out.stats.forwards == model.forwards == 7
+    assert out.stats.forwards == model.forwards == 6
+    assert model.shapes == [(7, 7), (4, 7), (8, 11), (8, 11), (8, 11), (4, 11)]
     states = [e.block_state[0].tolist() for e in out.trace]
     assert states == [[2, 0], [2, 0], [2, 1], [2, 2], [2, 2], [2, 2]]
 
@@ -113,13 +117,13 @@ def test_hand_worked_trace_other_paths(strategy):
     tau_add = 1 (cache_only) block 2 waits for block 1: steps 1-4 commit positions 3, 4, 5, 6
     (fallbacks, n = 3..6, tokens 4, 5, 1, 2); block 2 then sees n = 7: s(7) = 7, s(8) = 5 commit
     (tokens 3, 3); next n = 9: s(9) = 5 commits (token 5); then n = 10, s(10) = 4: fallback (token
-    1). 7 steps + the prefill = 8 forwards."""
+    1). 7 steps, the first over the prompt too = 7 forwards, as many as the reference's."""
     model = SeeingLM()
     out = generate(model, [PROMPT], CFG, strategy=strategy)
     if strategy == "reference":
         assert out.tokens == [WANT_TOKENS] and model.forwards == 6
     else:
-        assert out.tokens == [[4, 5, 1, 2, 3, 3, 5, 1]] and model.forwards == 8
+        assert out.tokens == [[4, 5, 1, 2, 3, 3, 5, 1]] and model.forwards == 7
 
 
 @pytest.mark.parametrize("strategy", ["d2f", "reference", "vanilla", "fast_dllm"])

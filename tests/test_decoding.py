@@ -59,8 +59,9 @@ def test_pipeline_equals_reference(models, fam, bs):
         ref = generate(model, prompts, cfg, strategy="reference")
         fast = generate(model, prompts, cfg)
         assert fast.tokens == ref.tokens, (tau_add, tau_act, tau_conf)
-        # the reference has no prefill forward; everything else is the same step sequence
-        assert [r.forwards - 1 for r in fast.stats.rows] == [r.forwards for r in ref.stats.rows]
+        # one forward per step and no separate prefill: the reference's count (one full
+        # recompute per step), where a prefill call would make it one more per row
+        assert [r.forwards for r in fast.stats.rows] == [r.forwards for r in ref.stats.rows]
         for p, want in zip(prompts, ref.tokens, strict=True):
             assert generate(model, [p], cfg).tokens[0] == want
         parallel_steps += sum(r.tokens_with_end > r.forwards for r in fast.stats.rows)
@@ -105,6 +106,39 @@ def test_forward_count_and_finished_rows_stop(models):
     assert out.stats.rows[2].hit_end and fw[2] < max(fw), "an ended row kept costing forwards"
     assert len(out.tokens[2]) == out.stats.rows[2].tokens < 24
     assert family_of(model).end_token_ids[0] not in out.tokens[2]
+
+
+@pytest.mark.parametrize("strategy", ["d2f", "cache_only"])
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_no_separate_prefill_call(models, fam, strategy):
+    """The prompt is processed in the first step's call (prompt + first block, the authors' first
+    call), so a row costs one forward per step: exactly the full-recompute reference's count,
+    computed row by row with no cache (the old separate prefill made it one more). Counted by a
+    forward hook; the first call is P + block_size columns wide and no call is the prompt alone."""
+    from d2f.decoding.reference import reference_decode_row
+
+    model, _ = models[fam]
+    family = family_of(model)
+    counter = Counter(model)
+    cfg = DecodeConfig(
+        strategy=strategy, block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75
+    )
+    run_cfg = dataclasses.replace(cfg, tau_add=1.0) if strategy == "cache_only" else cfg
+    prompts = _prompts((5, 9, 3, 7))
+    try:
+        for p in prompts:
+            answer, steps = reference_decode_row(model, p, run_cfg, family)
+            counter.reset()
+            out = generate(model, [p], cfg, record=True)
+            assert counter.calls == steps == len(out.trace) == out.stats.forwards
+            assert counter.shapes[0] == (1, len(p) + 4), counter.shapes
+            assert all(w != len(p) for _, w in counter.shapes), "a prompt-only call"
+        counter.reset()
+        out = generate(model, prompts, cfg)
+        assert counter.shapes[0] == (4, 9 + 4)  # ragged: the longest prompt + the first block
+        assert out.stats.prefill_s > 0  # the time up to the end of that first call
+    finally:
+        counter.handle.remove()
 
 
 def test_one_host_sync_per_step(models, monkeypatch):
@@ -223,7 +257,7 @@ def test_string_prompts_and_chat_template(models):
         tokenizer=tok,
         on_step=seen.append,
     )
-    assert isinstance(out.texts[0], str) and len(seen) == out.stats.rows[0].forwards - 1
+    assert isinstance(out.texts[0], str) and len(seen) == out.stats.rows[0].forwards
     from d2f.decoding import prepare_prompts
 
     ids = prepare_prompts(["how many apples ?"], tok, family_of(model), DecodeConfig(), 4096)[0]

@@ -288,3 +288,30 @@ def test_merged_adapter_gives_the_same_logits(tiny_dir, tmp_path):
     assert not isinstance(merged, PeftModel) and family_of(merged).name == "llada"
     ids = _ids(tok)
     torch.testing.assert_close(_logits(merged, ids), _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_adapter_decodes_the_same_tokens(tiny_dir, tmp_path):
+    """`merge_adapter=True` (the inference default of the CLIs and lm-eval) decodes exactly the
+    unmerged PeftModel's tokens in the same forwards, and the adapter does change the decode."""
+    from d2f.decoding import DecodeConfig, generate
+
+    base_dir = tiny_dir("llada")
+    raw = read_config(base_dir)
+    _write_original_llada_adapter(base_dir, tmp_path / "ad", raw["n_layers"], raw["d_model"])
+    models = {
+        "unmerged": load_model(base_dir, adapter=tmp_path / "ad")[0],
+        "merged": load_model(base_dir, adapter=tmp_path / "ad", merge_adapter=True)[0],
+        "base": load_model(base_dir)[0],
+    }
+    cfg = DecodeConfig(block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75, tau_conf=0.6)
+    prompts = [[10, 11, 12], [13, 14, 15, 16, 17], [20, 21, 22, 23]]
+    outs = {}
+    for name, model in models.items():
+        with torch.no_grad():  # confident predictions: several tokens per step (not a LoRA target)
+            model.get_output_embeddings().weight.mul_(12.0)
+        outs[name] = generate(model, prompts, cfg)
+    un, me = outs["unmerged"], outs["merged"]
+    assert me.tokens == un.tokens
+    assert [r.forwards for r in me.stats.rows] == [r.forwards for r in un.stats.rows]
+    assert any(r.tokens_with_end > r.forwards for r in me.stats.rows), "no parallel commit"
+    assert outs["base"].tokens != un.tokens, "the adapter changes nothing: the test is too weak"

@@ -69,6 +69,29 @@ def test_cli_streams_and_reports(tiny_dir, capsys, tmp_path):
     assert (tmp_path / "p.png").exists()
 
 
+def test_cli_merges_the_adapter_by_default_and_says_so(tiny_dir, capsys, tmp_path):
+    """--adapter is folded into the weights unless --no-merge_adapter; the text is the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from d2f.models import save_adapter
+
+    base, _ = load_model(tiny_dir("llada"))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    save_adapter(get_peft_model(base, lora), tmp_path / "ad")
+    argv = ["--model", str(tiny_dir("llada")), "--adapter", str(tmp_path / "ad")]
+    argv += ["--prompt", "how many apples ?", "--block_size", "4", "--max_new_tokens", "8"]
+    printed = {}
+    for flag in ("--merge_adapter", "--no-merge_adapter", None):
+        main(argv + ([flag] if flag else []))
+        printed[flag] = capsys.readouterr().out
+    for flag in (None, "--merge_adapter"):  # merging is the default
+        assert f"[adapter] {tmp_path / 'ad'}: merged into the weights" in printed[flag]
+    assert "unmerged (--no-merge_adapter)" in printed["--no-merge_adapter"]
+    text = {k: v.split("\n\n[d2f]")[0] for k, v in printed.items()}
+    assert text[None] == text["--no-merge_adapter"] == text["--merge_adapter"]
+
+
 def test_cli_bad_values_fail_cleanly(tiny_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(tiny_dir("llada")), "--prompt", "x", "--tau_conf", "2"])

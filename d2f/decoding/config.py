@@ -275,7 +275,7 @@ class BlockState(IntEnum):
 class RowStats:
     """Counts for one prompt."""
 
-    forwards: int  # model calls this row took part in (prefill included)
+    forwards: int  # model calls this row took part in (a prompt-only call included, if any)
     tokens: int  # generated tokens returned (cut before the first end token)
     tokens_with_end: int  # ... up to and including the first end token: the TPF numerator
     hit_end: bool  # whether an end token was generated
@@ -290,8 +290,8 @@ class DecodeStats:
     """Counts and times of one `generate` call."""
 
     forwards: int  # model calls (a batched call counts once)
-    prefill_s: float  # wall time of prompt processing
-    decode_s: float  # wall time of everything after the prefill
+    prefill_s: float  # wall time up to the end of the call that processed the prompt
+    decode_s: float  # wall time of everything after it
     rows: list[RowStats] = field(default_factory=list)
 
     @property

@@ -22,9 +22,10 @@ token per call. Caches (`options.cache`):
   threshold above 1 (one token per step) over the same cache; each block starts with
   Fast-dLLM v1's full forward (`fast_dllm._start_block`: LLaDA commits its top-1, Dream its
   first token), whose predictions are FreeDave's first `p`;
-* `exact` (block-causal D2F students): static is `cache_only` with `tau_conf = 1`; the prompt
-  is prefilled, each block starts with one forward over [previous block | block] that appends the
-  previous block's exact KV, and drafts are scored over the exact cache.
+* `exact` (block-causal D2F students): static is `cache_only` with `tau_conf = 1`; as there, the
+  first block starts with one forward over [prompt | block] (no separate prefill), each later
+  one over [previous block | block]; both append the exact KV before the block, and drafts are
+  scored over the exact cache.
 
 Rows are block-synchronous; each row has its own K, drafts, verification and acceptance, and a row
 that completes its block waits without taking part in calls, so it decodes what it decodes alone.
@@ -256,15 +257,14 @@ def _score_bidirectional(model, rec, batch, ids, blk, cfg, static, family, draft
 
 
 def _decode_exact(model, batch, cfg, family, rec, end_ids) -> None:
-    """Block-causal students: prefill, then per block one start forward over [previous block |
-    block] (appending the previous block's exact KV) and draft-and-verify calls over the cache."""
+    """Block-causal students: per block one start forward over [prompt | block] (block 1: no
+    separate prefill) or [previous block | block], appending the exact KV before the block, then
+    draft-and-verify calls over the cache."""
     opts: FreeDaveOptions = cfg.options
     mask_id, bs, P = family.mask_token_id, cfg.block_size, batch.prompt_len
     ids = block_ids(batch.valid, torch.full_like(batch.rows, P), bs)  # (B, L)
     cache = DynamicCache(config=model.config)
-    logits = forward(model, rec, batch, block_causal_mask(ids[:, :P]), 0, P, cache)
-    carry = logits[:, -1].clone()  # (B, V): the logits that predict column P (shifted families)
-    rec.prefill_done()
+    carry = None  # (B, V): the logits that predict column s (shifted families)
 
     for k in range(cfg.num_blocks):
         s = P + k * bs
@@ -278,15 +278,16 @@ def _decode_exact(model, batch, cfg, family, rec, end_ids) -> None:
                     return
                 ids, carry = ids[keep], carry[keep]
                 cache.batch_select_indices(keep)
-        start = s if k == 0 else s - bs  # k > 0: the previous block, final now, gets cached
+        start = 0 if k == 0 else s - bs  # the prompt / the previous block, final now, gets cached
         logits = forward(
             model, rec, batch, block_causal_mask(ids[:, :e], start, e), start, e, cache
         )
         cache.crop(-bs)  # keep [0, s): exact
         x0, conf = _predictions(family.align_logits(logits, carry), cfg, family)
         x0, conf = x0[:, s - start :], conf[:, s - start :]  # (B, bs)
-        if k > 0:  # column s - 1 (the previous block's last) predicts column s
-            carry = logits[:, s - 1 - start].clone()
+        carry = logits[:, s - 1 - start].clone()  # column s - 1 predicts column s
+        if k == 0:
+            rec.prefill_done()  # the call that processed the prompt
         rows = torch.arange(batch.x.shape[0], device=batch.x.device)
         old = batch.x[:, s:e].clone()
         batch.x[:, s:e] = static_step(old, x0, conf, mask_id)

@@ -6,6 +6,8 @@ Per step, for every active row (all vectorised over rows and blocks):
      as decoded); fully activate (sticky) every block whose predecessor's fraction is >= tau_act.
   2. one forward over the window `[cache end, last existing block end)` with the block-causal mask
      and the cached prefix (`d2f.mask`); blocks that do not exist yet are invisible (block id -1).
+     There is no separate prefill: the cache starts empty, so the first step's one call is the
+     prompt plus the first answer block (the authors' first call); the prompt's KV is exact.
   3. `commit`: in each unfinished block, commit predictions whose probability is > tau_conf;
      a fully activated block that commits none commits its single best position (by
      `cfg.confidence`); a semi-activated block may commit none.
@@ -71,10 +73,12 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
     state = torch.zeros(B, NB, dtype=torch.int8, device=device)
 
     cache = DynamicCache(config=model.config)
-    logits = forward(model, rec, batch, block_causal_mask(full_ids[:, :P]), 0, P, cache)
-    carry = logits[:, -1].clone()  # (B, V): predicts the first answer token (shifted families)
-    cached = P  # columns whose exact KV is in the cache
-    rec.prefill_done()
+    # No separate prefill: the first step's window starts at column 0, so its one call computes
+    # the prompt (block 0) and the first answer block together, as the authors' loop does. The
+    # prompt's KV is exact (under the block-causal mask the prompt never sees the answer) and is
+    # the only part kept; for shifted families its last column predicts the first answer token.
+    carry = None  # (B, V) logits of the column before the window (shifted families)
+    cached = 0  # columns whose exact KV is in the cache
 
     for _ in range(cfg.gen_length + 2):  # every step commits >= 1 token: this never runs out
         frac = decoded_fraction(batch.answer, mask_id, bs)  # (B, NB)
@@ -98,7 +102,8 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
             keep = drop_finished(rec, batch, finished, fin)
             if keep is None:
                 break
-            state, full_ids, carry, exists = state[keep], full_ids[keep], carry[keep], exists[keep]
+            state, full_ids, exists = state[keep], full_ids[keep], exists[keep]
+            carry = None if carry is None else carry[keep]
             cache.batch_select_indices(keep)
         start, end = cached, P + n_blocks * bs
         new_cached = P + keep_blocks * bs
@@ -109,20 +114,24 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
         logits = forward(model, rec, batch, block_causal_mask(ids, start, end), start, end, cache)
         if end > new_cached:
             cache.crop(-(end - new_cached))
-        preds = family.align_logits(logits, carry)  # (B, W, V): column i predicts token i
+        a0 = max(start, P)  # the window's first answer column (the first step starts at 0)
+        # (B, W, V) over the window's answer columns: column i predicts token i
+        preds = family.align_logits(logits, carry)[:, a0 - start :]
         if family.shift_logits and new_cached > start:
             # the last newly cached column predicts the next window's first (clone: a view
             # would keep this step's whole logits tensor alive)
             carry = logits[:, new_cached - 1 - start].clone()  # (B, V)
         cached = new_cached
         x0, conf, score = predict(preds, cfg, mask_id, gen)
-        answer_w = batch.x[:, start:end]
-        first_block = (start - P) // bs
-        state_w = state[:, first_block : first_block + (end - start) // bs]
+        answer_w = batch.x[:, a0:end]
+        first_block = (a0 - P) // bs
+        state_w = state[:, first_block : first_block + (end - a0) // bs]
         chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
-        batch.x[:, start:end] = torch.where(chosen, x0, answer_w)
+        batch.x[:, a0:end] = torch.where(chosen, x0, answer_w)
         committed = torch.zeros_like(batch.answer, dtype=torch.bool)
-        committed[:, start - P : end - P] = chosen
+        committed[:, a0 - P : end - P] = chosen
+        if start == 0:  # the call that processed the prompt (and the first step)
+            rec.prefill_done()
         rec.emit(batch, committed, state)
     else:
         raise RuntimeError("d2f_decode did not finish: a step committed no token (a bug)")

@@ -21,6 +21,7 @@ PEERS=(
   "fastdllm https://github.com/NVlabs/Fast-dLLM 5332e2fc0edad553a5ac4fae6d6ec7b8cefc410a https://github.com/wangziyannb/Fast-dLLM"
   "fastdllm-fork https://github.com/wangziyannb/Fast-dLLM fd27cb3b4cb017db5058cd97ff315e67ba14e6ff -"
   "d3llm https://github.com/hao-ai-lab/d3LLM e5bfcaccb775ee75759c24ccc9a28218b8372b34 -"
+  "d2f-authors https://github.com/zhijie-group/Discrete-Diffusion-Forcing 771f745f6770230dd6ea6a283519b31c5d57e6ed -"
 )
 for peer in "${PEERS[@]}"; do
   read -r name url commit also <<<"$peer"
