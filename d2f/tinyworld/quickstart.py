@@ -599,7 +599,7 @@ def _picture(teacher: Path, adapter: Path, results: Path, spec: WorldSpec, z: Si
     from d2f.render import render_html, render_png
     from d2f.tinyworld.task import records
 
-    model, tok = load_model(teacher, adapter=adapter)
+    model, tok = load_model(teacher, adapter=adapter, merge_adapter=True)
     questions = [r["question"] for r in records(spec.level, "test", 50, spec.seed)]
     out = generate(
         model, questions, DecodeConfig(strategy="d2f", **d2f_decode(z)), tokenizer=tok, record=True
