@@ -1,7 +1,7 @@
 """dInfer's algorithmic decoders (inclusionAI, arXiv 2510.08666): strategy `dinfer`.
 
 Blocks are decoded one after another, as in Fast-dLLM v1, and this module reuses its loop
-(`fast_dllm._start_block`, `fast_dllm._refine`): dInfer's cache refresh at block entry is one full
+(`fast_dllm.start_block`, `fast_dllm.refine`): dInfer's cache refresh at block entry is one full
 forward whose logits are decoded and whose KV becomes the cache (`none` / `prefix` / `dual`); the
 block is then refined with cached forwards until it has no mask. What differs is the per-forward
 commit rule, `options.decoder`, applied to the block's logits (conf = fp32 softmax probability of
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows
 from d2f.decoding.config import DecodeConfig, strategy_options
-from d2f.decoding.fast_dllm import _refine, _start_block
+from d2f.decoding.fast_dllm import refine, start_block
 from d2f.family import Family
 from d2f.mask import block_ids
 
@@ -212,10 +212,10 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
                     break
                 ids = ids[keep]
         state["rows"], state["credit"] = torch.arange(batch.x.shape[0], device=device), None
-        blk = _start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
+        blk = start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
         while blk.act.numel():
             state["rows"] = blk.act
-            _refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
+            refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
     if batch.x.shape[0]:
         rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()

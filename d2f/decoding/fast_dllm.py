@@ -135,7 +135,7 @@ def confidence_dtype(precision: str, family: Family, logits_dtype: torch.dtype) 
     return logits_dtype  # Dream upstream: the model's dtype
 
 
-def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
+def tokens_conf(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
     """(b, W, V) logits -> x0 (b, W) long, conf (b, W): the raw-logit probability of x0.
 
     The mask id is never predicted (x0 is the arg-max over the other ids), but conf is its
@@ -149,7 +149,7 @@ def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tenso
     return x0, probs.gather(-1, x0[..., None])[..., 0]
 
 
-def _dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
+def dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
     """The block-start cache of all L columns -> [0, s) and [e, L): the block goes at the end."""
     data = [
         (
@@ -171,14 +171,14 @@ def keep_columns(cache: DynamicCache, n: int) -> None:
 _keep = keep_columns  # the former private name
 
 
-def _dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
+def dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
     """(B, bs, L) bool: the block's queries over keys ordered [prefix | suffix | block]."""
     m = full_mask(ids, s, e)  # (B, bs, L), keys in column order
     return torch.cat([m[..., :s], m[..., e:], m[..., s:e]], -1)
 
 
 @dataclass
-class _Block:
+class Block:
     """One block's decoding context: the rows still masked in it and their cache."""
 
     s: int
@@ -203,7 +203,7 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
     rec.prefill_done()  # no prefill: every block starts with a full forward
 
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
-        x0, conf = _tokens(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
+        x0, conf = tokens_conf(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
         if cfg.remasking == "random":  # upstream LLaDA's remasking="random": conf ~ U[0, 1)
             conf = torch.rand(conf.shape, generator=gen, device=device, dtype=torch.float64)
         masked = blk == mask_id
@@ -228,15 +228,15 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
                 if keep is None:
                     break
                 ids = ids[keep]
-        blk = _start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
+        blk = start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
         while blk.act.numel():
-            _refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
+            refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
     if batch.x.shape[0]:
         rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()
 
 
-def _start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> _Block:
+def start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> Block:
     """The block-start full forward, its commit, and the cache the refinement steps reuse."""
     e, L = s + bs, batch.x.shape[1]
     rows = torch.arange(batch.x.shape[0], device=batch.x.device)
@@ -251,14 +251,14 @@ def _start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> 
     if opts.cache == "prefix":
         keep_columns(cache, s)
     elif opts.cache == "dual":
-        cache = _dual_cache(cache, s, e, model.config)
+        cache = dual_cache(cache, s, e, model.config)
     act = rows[(batch.x[:, s:e] == family.mask_token_id).any(-1)]
     if act.numel() < rows.numel() and cache is not None:
         cache.batch_select_indices(act)
-    return _Block(s, e, cache, logits[act, s - 1], act)
+    return Block(s, e, cache, logits[act, s - 1], act)
 
 
-def _refine(model, rec, batch, ids, blk: _Block, opts, family, choose, apply, mask_id) -> None:
+def refine(model, rec, batch, ids, blk: Block, opts, family, choose, apply, mask_id) -> None:
     """One refinement step over the rows still masked in the block; rows that complete it leave
     the step's sub-batch (and the cache), so they cost no more forwards in this block."""
     s, e, L, act = blk.s, blk.e, batch.x.shape[1], blk.act
@@ -271,7 +271,7 @@ def _refine(model, rec, batch, ids, blk: _Block, opts, family, choose, apply, ma
         keep_columns(blk.cache, s)
         preds = family.align_logits(logits, blk.carry)[:, : e - s]
     else:
-        logits = forward(model, rec, sub, _dual_mask(ids[act], s, e), s, e, blk.cache)  # (b, bs, V)
+        logits = forward(model, rec, sub, dual_mask(ids[act], s, e), s, e, blk.cache)  # (b, bs, V)
         keep_columns(blk.cache, L - (e - s))
         preds = family.align_logits(logits, blk.carry)
     x0, chosen = choose(preds, sub.x[:, s:e])
