@@ -229,7 +229,7 @@ def _decode_bidirectional(model, batch, cfg, family, rec, end_ids) -> None:
                     return
                 ids = ids[keep]
         s = P + k * bs
-        blk = start_block(model, rec, batch, ids, s, bs, static, family, choose, apply)
+        blk = start_block(model, rec, batch, ids, s, bs, static.cache, family, choose, apply)
         score = partial(_score_bidirectional, model, rec, batch, ids, blk, cfg, static, family)
         x0, conf = start_preds["x0"][blk.act], start_preds["conf"][blk.act]
         _refine_block(rec, batch, blk.act, s, x0, conf, opts, score, mask_id, end_ids)
