@@ -18,6 +18,20 @@ the arg-max over the FULL vocabulary; a position whose arg-max is the mask id is
   positions equal to their segment's maximum conf if conf > low_threshold, every position with
   conf > threshold, and the block's first most confident mask (always).
 
+Two iteration variants (`generate_uniform.py`):
+
+* vicinity refresh (`cache="vicinity"`, `VicinityCacheIteration`): a dual cache whose cached
+  forwards recompute the window [s - prefix_look, e + after_look) around the block [s, e) over
+  the refresh's KV of the other columns; a row's first `warmup_steps` forwards (counted over the
+  whole answer) are full forwards without a cache, and the row refreshes at its first forward
+  after them;
+* iteration smoothing (`smoothing=True`, `IterationSmooth` + `H2Embed`): the model gets input
+  embeddings; after each forward, the positions it covered that are still masked get
+  E[mask] + w_it * softmax(logits) @ E (E = `model.get_input_embeddings()`), and the commit
+  threshold is annealed, with `it` the row's forwards so far:
+  thr_it = max(1 - threshold_decay * it, threshold), w_it = min(cont_weight_init +
+  cont_weight_growth * it, cont_weight).
+
 Early stop (`BlockRunner`, on in every released entry point): a row whose decoded text holds an
 end token leaves at the next block start. Rows are block-synchronous and each row decodes what it
 decodes alone. System-level parts (tensor / expert parallelism, CUDA graphs, loop unrolling) are
