@@ -14,9 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2f.decoding import DecodeConfig, DInferOptions, generate
+from d2f.decoding import DecodeConfig, DInferOptions, dinfer, generate
+from d2f.decoding.api import encode_prompts
 from d2f.decoding.config import parse_options
-from d2f.decoding.dinfer import credit_fuse, hierarchy_commit, select, threshold_commit
+from d2f.decoding.dinfer import (
+    annealed,
+    credit_fuse,
+    hierarchy_commit,
+    select,
+    smoothed_embeddings,
+    threshold_commit,
+)
+from d2f.family import family_of
 from d2f.models import load_model
 from tests.decode_helpers import Counter
 
@@ -109,6 +118,35 @@ def test_select_never_commits_the_mask_id():
         assert chosen.tolist() == [[F, T]] and int(x0[0, 1]) == 1, decoder
 
 
+def test_threshold_rule_takes_one_threshold_per_row():
+    conf = torch.tensor([[0.95, 0.92, 0.5], [0.95, 0.92, 0.5]])
+    cand = torch.ones(2, 3, dtype=torch.bool)
+    thr = torch.tensor([[1.0], [0.9]], dtype=torch.float64)  # row 0: only the best; row 1: two
+    assert threshold_commit(conf, cand, thr).tolist() == [[T, F, F], [T, T, F]]
+    masked = torch.ones(2, 3, dtype=torch.bool)  # hierarchy: one segment; conf > thr, + top-1
+    assert hierarchy_commit(conf, masked, thr, None).tolist() == [[T, F, F], [T, T, F]]
+
+
+def test_smoothing_schedule_by_hand():
+    """The released anneal: thr = max(1 - 0.02 it, thr), weight = min(0.15 + 0.02 it, 0.3)."""
+    thr, weight = annealed(DInferOptions(threshold=0.9), torch.tensor([0, 1, 5, 20]))
+    assert torch.allclose(thr[:, 0], torch.tensor([1.0, 0.98, 0.9, 0.9], dtype=torch.float64))
+    want = torch.tensor([0.15, 0.17, 0.25, 0.3], dtype=torch.float64)
+    assert torch.allclose(weight[:, 0], want)
+
+
+def test_smoothed_embeddings_by_hand():
+    """H2Embed: E[x] + w * softmax(logits) @ E on masks, E[x] elsewhere (mask id 2)."""
+    embed = torch.nn.Embedding(3, 2)
+    with torch.no_grad():
+        embed.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]))
+    x = torch.tensor([[2, 0]])
+    logits = torch.tensor([[[math.log(3.0), 0.0, -1e9], [0.0, 0.0, 0.0]]])  # p = (3/4, 1/4, 0)
+    out = smoothed_embeddings(embed, x, logits, torch.tensor([[0.5]]), 2)
+    # masked col 0: E[2] + 0.5 * (3/4 E[0] + 1/4 E[1]) = (5.375, 5.125); col 1: E[0] as it is
+    assert torch.allclose(out, torch.tensor([[[5.375, 5.125], [1.0, 0.0]]]))
+
+
 def test_options_parse_and_validate():
     assert parse_options("dinfer", ["decoder=credit", "credit_alpha=0"]) == {
         "decoder": "credit",
@@ -119,6 +157,20 @@ def test_options_parse_and_validate():
         DInferOptions(decoder="fixed")
     with pytest.raises(ValueError, match="credit_beta"):
         DInferOptions(credit_beta=-0.1)
+    assert parse_options("dinfer", ["cache=vicinity", "prefix_look=8", "smoothing=true"]) == {
+        "cache": "vicinity",
+        "prefix_look": 8,
+        "smoothing": True,
+    }
+    with pytest.raises(ValueError, match="cache"):
+        DInferOptions(cache="window")
+    for name, bad in (("prefix_look", -1), ("after_look", 1.5), ("warmup_steps", True)):
+        with pytest.raises(ValueError, match=name):
+            DInferOptions(**{name: bad})
+    with pytest.raises(TypeError, match="smoothing"):
+        DInferOptions(smoothing=1)
+    with pytest.raises(ValueError, match="cont_weight_growth"):
+        DInferOptions(cont_weight_growth=float("nan"))
 
 
 # ---- the decoder ----
@@ -173,16 +225,190 @@ def test_credit_with_alpha_zero_is_the_threshold_decoder(teacher, cache):
     assert strong.stats.forwards < plain.stats.forwards
 
 
-@pytest.mark.parametrize("decoder", ["threshold", "credit", "hierarchy"])
-def test_batched_equals_alone(teacher, decoder):
+VICINITY = {"cache": "vicinity", "prefix_look": 3, "after_look": 5, "warmup_steps": 3}
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"decoder": "threshold"},
+        {"decoder": "credit"},
+        {"decoder": "hierarchy"},
+        {**VICINITY, "early_stop": False},
+        {
+            **VICINITY,
+            "decoder": "credit",
+            "warmup_steps": 8,
+            "threshold": 0.99,
+            "early_stop": False,
+        },
+        {"smoothing": True},
+        {**VICINITY, "smoothing": True, "decoder": "hierarchy", "early_stop": False},
+    ],
+    ids=["threshold", "credit", "hierarchy", "vicinity", "vicinity-credit", "smooth", "both"],
+)
+def test_batched_equals_alone(teacher, opts):
+    """Per row the same tokens and forwards in a ragged batch as alone. With the vicinity warmup
+    rows leave it at different forwards (the two vicinity cases refresh rows of the second block
+    apart, in two groups with their own caches); smoothing anneals per row."""
     model, tok, counter = teacher
-    qs = list(QUESTIONS)  # ragged prompts; rows end at different blocks
-    cfg = _cfg(8, 48, decoder=decoder)
+    qs = list(QUESTIONS[::-1])  # ragged prompts; rows end at different blocks, the first first
+    cfg = _cfg(8, 48, **opts)
     batched = _run(model, counter, qs, cfg, tokenizer=tok)
     for i, q in enumerate(qs):
         alone = _run(model, counter, [q], cfg, tokenizer=tok)
-        assert alone.tokens[0] == batched.tokens[i], (decoder, i)
-        assert alone.stats.rows[0].forwards == batched.stats.rows[i].forwards, (decoder, i)
+        assert alone.tokens[0] == batched.tokens[i], (opts, i)
+        assert alone.stats.rows[0].forwards == batched.stats.rows[i].forwards, (opts, i)
+
+
+# ---- the vicinity window ----
+
+
+@pytest.mark.parametrize("decoder", ["threshold", "credit", "hierarchy"])
+def test_vicinity_without_looks_or_warmup_is_the_dual_cache(teacher, decoder):
+    model, tok, counter = teacher
+    dual = _run(model, counter, QUESTIONS, _cfg(8, 48, decoder=decoder), tokenizer=tok)
+    opts = {"cache": "vicinity", "prefix_look": 0, "after_look": 0, "warmup_steps": 0}
+    vic = _run(model, counter, QUESTIONS, _cfg(8, 48, decoder=decoder, **opts), tokenizer=tok)
+    assert vic.tokens == dual.tokens
+    assert [r.forwards for r in vic.stats.rows] == [r.forwards for r in dual.stats.rows]
+
+
+@pytest.mark.parametrize("warmup", [0, 2, 1000])
+def test_vicinity_window_over_everything_is_no_cache(teacher, warmup):
+    """A window reaching both ends recomputes every column: each cached forward is a full one,
+    so any warmup gives the no-cache decoder's tokens and forwards. So does a warmup longer than
+    the decode with no window at all."""
+    model, tok, counter = teacher
+    none = _run(model, counter, QUESTIONS, _cfg(8, 48, cache="none"), tokenizer=tok)
+    opts = {"cache": "vicinity", "prefix_look": 1000, "after_look": 1000, "warmup_steps": warmup}
+    if warmup == 1000:
+        opts.update(prefix_look=0, after_look=0)
+    vic = _run(model, counter, QUESTIONS, _cfg(8, 48, **opts), tokenizer=tok)
+    assert vic.tokens == none.tokens
+    assert [r.forwards for r in vic.stats.rows] == [r.forwards for r in none.stats.rows]
+
+
+def _record_calls(model):
+    """Record (input width, cached columns or None) of every model call; returns (list, handle)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        cache = kwargs.get("cache")
+        calls.append((inputs.shape[1], None if cache is None else cache.get_seq_length()))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("warmup", range(1, 8))
+def test_vicinity_schedule_is_the_released_one(teacher, warmup):
+    """One row, blocks of 8, prefix_look 3, after_look 5: the first `warmup` forwards of the
+    SEQUENCE are full and uncached; then the first forward in each block is the refresh (full,
+    into an empty cache) and every later one forwards the window [s - 3, e + 5) over the cache
+    of the other columns (as released, less its second refresh when the warmup ends after the
+    first block: docs/decoding.md). Worked from the trace: the block of each forward is the
+    first one still masked before it. Warmups ending inside a block and at a block start."""
+    model, tok, counter = teacher
+    calls, handle = _record_calls(model)
+    try:
+        opts = {**VICINITY, "warmup_steps": warmup, "early_stop": False}
+        out = _run(model, counter, QUESTIONS[2:], _cfg(8, 24, **opts), tokenizer=tok, record=True)
+    finally:
+        handle.remove()
+    n = out.stats.forwards
+    assert len(calls) == len(out.trace) == n
+    L = calls[0][0]
+    P, mask_id = L - 24, family_of(model).mask_token_id
+    states = [torch.full((24,), mask_id)] + [e.answer[0] for e in out.trace]
+    want, last_block = [], None
+    for i in range(n):
+        block = int((states[i] == mask_id).nonzero()[0, 0]) // 8
+        s, e = P + 8 * block, P + 8 * block + 8
+        if i < warmup:
+            want.append((L, None))
+        elif block != last_block or i == warmup:
+            want.append((L, 0))
+        else:
+            lo, hi = max(0, s - 3), min(L, e + 5)
+            want.append((hi - lo, L - (hi - lo)))
+        last_block = block
+    assert calls == want
+    assert any(c[1] is not None and c[1] > 0 for c in calls)  # the window forwards happen
+
+
+# ---- iteration smoothing ----
+
+
+@pytest.mark.parametrize("cache", ["none", "dual", "vicinity"])
+def test_smoothing_without_weight_is_the_annealed_threshold_decoder(teacher, monkeypatch, cache):
+    """cont_weight 0: the inputs are the plain embeddings, so smoothing is the threshold decoder
+    with the threshold max(1 - 0.02 it, 0.9) at the row's forward `it` (0-based). Reference: the
+    plain decoder with its rule's threshold replaced per call, `it` from the forward hook."""
+    model, tok, counter = teacher
+    opts = {"cache": cache, "threshold": 0.9}
+    smooth = {**opts, "smoothing": True, "cont_weight": 0.0}
+    real_select = dinfer.select
+
+    def annealed_select(logits, blk, o, mask_id, threshold=None):
+        assert threshold is None  # the plain decoder
+        return real_select(logits, blk, o, mask_id, max(1 - 0.02 * (counter.calls - 1), 0.9))
+
+    for q in QUESTIONS:  # alone: the hook counts this row's forwards
+        got = _run(model, counter, [q], _cfg(8, 48, **smooth), tokenizer=tok)
+        plain = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+        with monkeypatch.context() as m:
+            m.setattr(dinfer, "select", annealed_select)
+            want = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+        assert got.tokens == want.tokens
+        assert got.stats.forwards == want.stats.forwards
+        assert want.stats.forwards > plain.stats.forwards  # the anneal is not a no-op here
+
+
+@pytest.mark.parametrize("cache", ["none", "vicinity"])
+def test_smoothing_feeds_the_soft_embeddings_of_the_last_forward(teacher, cache):
+    """The inputs of forward t + 1 are E[x_t] plus, at positions still masked after forward t,
+    w_t * softmax(logits_t) @ E with w_t = min(0.15 + 0.02 t, 0.3); the first forward gets E[x]
+    (E[mask] on masks). Checked wherever forward t covered every column forward t + 1 takes:
+    every pair without a cache; with the vicinity window, a block's refresh (full) then its
+    window forwards [s - 3, e + 5) (columns read from the position ids: one row, no padding)."""
+    model, tok, counter = teacher
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        start = int(kwargs["position_ids"][0, 0])
+        seen.append((start, kwargs["inputs_embeds"][0].clone(), output.logits[0].clone()))
+
+    opts = {**VICINITY, "warmup_steps": 0} if cache == "vicinity" else {"cache": cache}
+    cfg = _cfg(8, 48, smoothing=True, early_stop=False, threshold=0.99, **opts)
+    (ids,) = encode_prompts(QUESTIONS[:1], tok, family_of(model), cfg)
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = _run(model, counter, [ids], cfg, record=True)
+    finally:
+        handle.remove()
+    E = model.get_input_embeddings().weight
+    mask_id = family_of(model).mask_token_id
+    prompt = torch.tensor(ids)
+    xs = [torch.cat([prompt, torch.full((48,), mask_id)])]
+    xs += [torch.cat([prompt, e.answer[0]]) for e in out.trace]
+    assert torch.equal(seen[0][1], E[xs[0]])
+    checked = set()
+    for t in range(len(seen) - 1):
+        (a, _, logits), (b, emb, _) = seen[t], seen[t + 1]
+        if not (a <= b and b + len(emb) <= a + len(logits)):
+            continue  # forward t did not cover forward t + 1's columns
+        x = xs[t + 1][b : b + len(emb)]
+        soft = logits[b - a : b - a + len(emb)].softmax(-1) @ E
+        w = min(0.15 + 0.02 * t, 0.3)
+        want = torch.where((x == mask_id)[:, None], E[x] + w * soft, E[x])
+        assert torch.allclose(emb, want, atol=1e-6), t
+        checked.add((len(logits), len(emb)))
+    L = len(xs[0])
+    assert (L, L) in checked
+    if cache == "vicinity":  # refresh -> window and window -> window (its after_look masks too)
+        assert any(n == L and m <= 16 for n, m in checked), checked
+        assert any(n <= 16 for n, _ in checked), checked
 
 
 def test_early_stop_on_the_trained_teacher(teacher):

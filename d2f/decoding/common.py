@@ -37,6 +37,8 @@ class Batch:
     pos: Tensor  # (B, P + G) long position ids (padding skipped)
     rows: Tensor  # (B,) long, each row's index in the caller's prompt list
     prompt_len: int  # P, columns of the (padded) prompt
+    # (B, P + G, d) input embeddings the model gets instead of `x` (dInfer's iteration smoothing)
+    emb: Tensor | None = None
 
     @classmethod
     def create(cls, prompts: list[list[int]], gen_length: int, fill_id: int, pad_id: int, device):
@@ -56,6 +58,15 @@ class Batch:
     def select(self, keep: Tensor) -> None:
         self.x, self.valid, self.pos, self.rows = (
             t[keep] for t in (self.x, self.valid, self.pos, self.rows)
+        )
+        if self.emb is not None:
+            self.emb = self.emb[keep]
+
+    def subset(self, rows: Tensor) -> Batch:
+        """A copy of rows `rows` (b,) long, for a model call over part of the batch."""
+        emb = None if self.emb is None else self.emb[rows]
+        return Batch(
+            self.x[rows], self.valid[rows], self.pos[rows], self.rows[rows], self.prompt_len, emb
         )
 
 
@@ -134,15 +145,20 @@ def forward(
 ):
     """One model call over columns `start:end` of the batch; returns (B, end - start, V) logits.
 
-    mask_bool: (B, end - start, K) bool with K = (cached columns) + (end - start).
+    mask_bool: (B, end - start, K) bool with K = (cached columns) + (end - start). The model gets
+    `batch.emb[:, start:end]` as `inputs_embeds` when the batch carries embeddings, else the ids.
     """
     rec.called(batch.rows)
     dtype = next(model.parameters()).dtype
     # NOTE: transformers 5.24 renamed the forward's cache argument `past_key_values` -> `cache`
     # (the old name warns and goes in 5.40); without a cache the argument is left out entirely.
     with_cache = {} if cache is None else {"cache": cache}
+    if batch.emb is None:
+        inputs = {"input_ids": batch.x[:, start:end]}
+    else:
+        inputs = {"inputs_embeds": batch.emb[:, start:end]}
     out = model(
-        input_ids=batch.x[:, start:end],
+        **inputs,
         attention_mask=to_additive(mask_bool, dtype),
         position_ids=batch.pos[:, start:end],
         use_cache=cache is not None,

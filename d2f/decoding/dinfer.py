@@ -1,7 +1,7 @@
 """dInfer's algorithmic decoders (inclusionAI, arXiv 2510.08666): strategy `dinfer`.
 
 Blocks are decoded one after another, as in Fast-dLLM v1, and this module reuses its loop
-(`fast_dllm._start_block`, `fast_dllm._refine`): dInfer's cache refresh at block entry is one full
+(`fast_dllm.start_block`, `fast_dllm.refine`): dInfer's cache refresh at block entry is one full
 forward whose logits are decoded and whose KV becomes the cache (`none` / `prefix` / `dual`); the
 block is then refined with cached forwards until it has no mask. What differs is the per-forward
 commit rule, `options.decoder`, applied to the block's logits (conf = fp32 softmax probability of
@@ -17,6 +17,20 @@ the arg-max over the FULL vocabulary; a position whose arg-max is the mask id is
 * hierarchy (`HierarchyDecoder`): each run of contiguous masks is a segment; commit the
   positions equal to their segment's maximum conf if conf > low_threshold, every position with
   conf > threshold, and the block's first most confident mask (always).
+
+Two iteration variants (`generate_uniform.py`):
+
+* vicinity refresh (`cache="vicinity"`, `VicinityCacheIteration`): a dual cache whose cached
+  forwards recompute the window [s - prefix_look, e + after_look) around the block [s, e) over
+  the refresh's KV of the other columns; a row's first `warmup_steps` forwards (counted over the
+  whole answer) are full forwards without a cache, and the row refreshes at its first forward
+  after them;
+* iteration smoothing (`smoothing=True`, `IterationSmooth` + `H2Embed`): the model gets input
+  embeddings; after each forward, the positions it covered that are still masked get
+  E[mask] + w_it * softmax(logits) @ E (E = `model.get_input_embeddings()`), and the commit
+  threshold is annealed, with `it` the row's forwards so far:
+  thr_it = max(1 - threshold_decay * it, threshold), w_it = min(cont_weight_init +
+  cont_weight_growth * it, cont_weight).
 
 Early stop (`BlockRunner`, on in every released entry point): a row whose decoded text holds an
 end token leaves at the next block start. Rows are block-synchronous and each row decodes what it
@@ -35,12 +49,12 @@ from torch import Tensor
 
 from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows
 from d2f.decoding.config import DecodeConfig, strategy_options
-from d2f.decoding.fast_dllm import _refine, _start_block
+from d2f.decoding.fast_dllm import Block, refine, start_block
 from d2f.family import Family
 from d2f.mask import block_ids
 
 DINFER_DECODERS = ("threshold", "credit", "hierarchy")
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "vicinity")
 TIE = 1e-5  # the released threshold rule: positions within this of the best commit with it
 
 
@@ -55,7 +69,15 @@ class DInferOptions:
     credit_alpha: float = 0.7  # credit: weight of log(M + 1) added to the logits (0 = threshold)
     credit_gamma: float = 0.2  # credit: M gains p1 ** gamma at the arg-max token
     credit_beta: float = 0.8  # credit: decay of M per forward after the block's first
-    cache: Literal["none", "prefix", "dual"] = "dual"  # KV reuse inside a block
+    cache: Literal["none", "prefix", "dual", "vicinity"] = "dual"  # KV reuse inside a block
+    prefix_look: int = 16  # vicinity: columns before the block every cached forward recomputes
+    after_look: int = 16  # vicinity: columns after the block every cached forward recomputes
+    warmup_steps: int = 4  # vicinity: a row's first forwards are full forwards without a cache
+    smoothing: bool = False  # iteration smoothing: masks get soft embeddings, annealed threshold
+    cont_weight: float = 0.3  # smoothing: the largest weight of the soft embedding
+    cont_weight_init: float = 0.15  # smoothing: its weight at a row's first forward
+    cont_weight_growth: float = 0.02  # smoothing: its growth per forward
+    threshold_decay: float = 0.02  # smoothing: threshold = max(1 - this * forwards, threshold)
     early_stop: bool = True  # a row leaves at a block start once its text holds an end token
 
     def __post_init__(self):
@@ -65,11 +87,18 @@ class DInferOptions:
             )
         if self.cache not in CACHES:
             raise ValueError(f"dinfer option cache must be one of {CACHES}, got {self.cache!r}")
-        if not isinstance(self.early_stop, bool):
-            raise TypeError(
-                f"dinfer option early_stop must be True or False, got {self.early_stop!r}"
-            )
-        for name in ("threshold", "low_threshold", "credit_alpha", "credit_gamma", "credit_beta"):
+        for name in ("early_stop", "smoothing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"dinfer option {name} must be True or False, got {getattr(self, name)!r}"
+                )
+        for name in ("prefix_look", "after_look", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"dinfer option {name} must be an int >= 0, got {value!r}")
+        numbers = ("threshold", "low_threshold", "credit_alpha", "credit_gamma", "credit_beta")
+        smooth = ("cont_weight", "cont_weight_init", "cont_weight_growth", "threshold_decay")
+        for name in numbers + smooth:
             value = getattr(self, name)
             if value is None and name == "low_threshold":
                 continue
@@ -79,25 +108,27 @@ class DInferOptions:
                 raise ValueError(f"dinfer option {name} must be finite and >= 0, got {value}")
 
 
-def threshold_commit(conf: Tensor, candidates: Tensor, threshold: float) -> Tensor:
+def threshold_commit(conf: Tensor, candidates: Tensor, threshold: float | Tensor) -> Tensor:
     """The released threshold rule: (b, W) conf and candidate masks -> (b, W) bool to commit.
 
     Commit candidate i iff conf_i >= min(threshold, max_j conf_j - 1e-5) (the max over the row's
     candidates; the released clamp at -1000 only matters for a row without one: it commits none).
+    threshold: a number or a (b, 1) tensor, one per row (smoothing's annealed threshold).
     """
     c = conf.float().masked_fill(~candidates, float("-inf"))
-    thr = (c.max(-1, keepdim=True).values - TIE).clamp(-1000.0, threshold)  # (b, 1)
+    thr = (c.max(-1, keepdim=True).values - TIE).clamp_min(-1000.0)  # (b, 1)
+    thr = torch.minimum(thr, torch.as_tensor(threshold, dtype=c.dtype, device=c.device))
     return candidates & (c >= thr)
 
 
 def hierarchy_commit(
-    conf: Tensor, masked: Tensor, threshold: float | None, low_threshold: float | None
+    conf: Tensor, masked: Tensor, threshold: float | Tensor | None, low_threshold: float | None
 ) -> Tensor:
     """The released hierarchy rule: (b, W) conf and masks -> (b, W) bool to commit.
 
     Segments are the maximal runs of contiguous masks. Commit i iff i is masked and
     (conf_i == max of its segment and conf_i > low_threshold) or conf_i > threshold or i is
-    the row's first most confident mask.
+    the row's first most confident mask. threshold: a number, a (b, 1) tensor or None.
     """
     b, W = masked.shape
     floor = torch.finfo(conf.dtype).min
@@ -110,7 +141,7 @@ def hierarchy_commit(
     if low_threshold is not None:
         chosen &= c > low_threshold
     if threshold is not None:
-        chosen |= c > threshold
+        chosen |= c > torch.as_tensor(threshold, dtype=c.dtype, device=c.device)
     chosen |= torch.nn.functional.one_hot(c.argmax(-1), W).bool()
     return chosen & masked
 
@@ -130,9 +161,12 @@ def credit_fuse(
     return logits.float() + alpha * torch.log(credit + 1)
 
 
-def select(logits: Tensor, blk: Tensor, opts: DInferOptions, mask_id: int) -> tuple[Tensor, Tensor]:
+def select(
+    logits: Tensor, blk: Tensor, opts: DInferOptions, mask_id: int, threshold=None
+) -> tuple[Tensor, Tensor]:
     """One forward's commit: (b, W, V) logits (credit already fused) over the (b, W) block ->
-    x0 (b, W) long and the (b, W) bool positions to commit by `opts.decoder`'s rule.
+    x0 (b, W) long and the (b, W) bool positions to commit by `opts.decoder`'s rule, with
+    `threshold` (a number or (b, 1) per row; None = opts.threshold).
 
     x0 is the arg-max over the full vocabulary and a position predicting the mask id is not
     committed (the released `rm_mask`). NOTE: if that leaves a row with masks committing none
@@ -140,15 +174,16 @@ def select(logits: Tensor, blk: Tensor, opts: DInferOptions, mask_id: int) -> tu
     confident mask with the best other token instead (d2f's rule), so decoding always ends.
     """
     masked = blk == mask_id
+    thr = opts.threshold if threshold is None else threshold
     probs = logits.float().softmax(-1)  # (b, W, V) fp32
     if opts.decoder == "hierarchy":  # released: the softmax in the logits' own dtype
         x0 = logits.argmax(-1)
         conf = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0].exp()
-        chosen = hierarchy_commit(conf, masked, opts.threshold, opts.low_threshold)
+        chosen = hierarchy_commit(conf, masked, thr, opts.low_threshold)
     else:
         x0 = probs.argmax(-1)
         conf = probs.gather(-1, x0[..., None])[..., 0]
-        chosen = threshold_commit(conf, masked & (x0 != mask_id), opts.threshold)
+        chosen = threshold_commit(conf, masked & (x0 != mask_id), thr)
     chosen &= x0 != mask_id
     stuck = masked.any(-1, keepdim=True) & ~chosen.any(-1, keepdim=True)  # (b, 1)
     p_mask = probs[..., mask_id]  # (b, W)
@@ -157,6 +192,27 @@ def select(logits: Tensor, blk: Tensor, opts: DInferOptions, mask_id: int) -> tu
     best = alt_p.masked_fill(~masked, -1.0).argmax(-1)  # (b,)
     forced = torch.nn.functional.one_hot(best, blk.shape[1]).bool() & stuck
     return torch.where(forced, alt, x0), chosen | forced
+
+
+def annealed(opts: DInferOptions, it: Tensor) -> tuple[Tensor, Tensor]:
+    """Smoothing's schedule at (b,) long forward counts `it` (forwards a row made before this
+    one) -> the (b, 1) fp64 threshold max(1 - threshold_decay * it, threshold) and the (b, 1)
+    soft-embedding weight min(cont_weight_init + cont_weight_growth * it, cont_weight)."""
+    it = it.double()[:, None]
+    thr = (1 - it * opts.threshold_decay).clamp_min(opts.threshold)
+    weight = (opts.cont_weight_init + opts.cont_weight_growth * it).clamp_max(opts.cont_weight)
+    return thr, weight
+
+
+def smoothed_embeddings(embed, x: Tensor, logits: Tensor, weight: Tensor, mask_id: int) -> Tensor:
+    """dInfer's `H2Embed`: (b, n) ids, the (b, n, V) logits of the forward that saw them, (b, 1)
+    weights -> (b, n, d) input embeddings: E[x], plus weight * softmax(logits) @ E where x is
+    still the mask id. embed: the model's input embedding layer (`get_input_embeddings()`)."""
+    E = embed.weight  # (V_emb, d)
+    plain = embed(x)  # (b, n, d)
+    soft = logits.to(E.dtype).softmax(-1) @ E  # (b, n, d), temperature 1
+    mixed = weight[..., None].to(E.dtype) * soft + plain
+    return torch.where((x == mask_id)[..., None], mixed, plain)
 
 
 @torch.no_grad()
@@ -170,19 +226,31 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
             f"a {family.name} model predicts shifted"
         )
     opts: DInferOptions = cfg.options
+    embed = model.get_input_embeddings() if opts.smoothing else None
+    if embed is not None and embed.weight.shape[0] != model.config.vocab_size:
+        raise ValueError(
+            f"dinfer smoothing mixes embeddings by the output distribution: the embedding has "
+            f"{embed.weight.shape[0]} rows, the vocabulary {model.config.vocab_size}"
+        )
     device = next(model.parameters()).device
     mask_id, bs = family.mask_token_id, cfg.block_size
     end_ids = torch.tensor(family.end_token_ids, device=device)
     batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
-    P, B = batch.prompt_len, len(prompts)
+    P, B, L = batch.prompt_len, len(prompts), batch.x.shape[1]
+    if embed is not None:  # every position starts as its token's embedding (E[mask] on masks)
+        batch.emb = embed(batch.x)  # (B, L, d)
     ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
     rec.prefill_done()  # no prefill: every block starts with a full forward (the refresh)
-    # the rows the next `choose` call sees (batch indices), for the per-row credit matrix
+    # the batch rows the next `choose` call sees, and the block's per-row credit matrices
     state: dict = {"rows": None, "credit": None}
 
+    def forwards_before(rows: Tensor) -> Tensor:
+        """(b,) forwards each row made before the current one (the released `iter_no`)."""
+        return rec.row_forwards[batch.rows[rows]] - 1
+
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
+        rows = state["rows"]
         if opts.decoder == "credit":
-            rows = state["rows"]
             if state["credit"] is None:  # the block's first forward: zeroed, for every row
                 state["credit"] = torch.zeros(
                     batch.x.shape[0], *preds.shape[1:], dtype=torch.float32, device=device
@@ -193,7 +261,8 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
                 preds, blk == mask_id, credit, o.credit_alpha, o.credit_gamma, o.credit_beta
             )
             state["credit"][rows] = credit
-        return select(preds, blk, opts, mask_id)
+        thr = annealed(opts, forwards_before(rows))[0] if opts.smoothing else None
+        return select(preds, blk, opts, mask_id, thr)
 
     def apply(rows: Tensor, s: int, x0: Tensor, chosen: Tensor) -> None:
         blk = batch.x[rows, s : s + bs]  # (b, bs)
@@ -201,6 +270,31 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
         committed = torch.zeros_like(batch.answer, dtype=torch.bool)  # (B, G)
         committed[rows, s - P : s - P + bs] = chosen
         rec.emit(batch, committed)
+
+    def smooth(rows: Tensor, start: int, logits: Tensor) -> None:
+        """After a forward over columns [start, start + n): their new input embeddings."""
+        end = start + logits.shape[1]
+        weight = annealed(opts, forwards_before(rows))[1]
+        x = batch.x[rows, start:end]
+        batch.emb[rows, start:end] = smoothed_embeddings(embed, x, logits, weight, mask_id)
+
+    after = smooth if opts.smoothing else None
+    vicinity = opts.cache == "vicinity"
+    kind = "dual" if vicinity else opts.cache  # the vicinity cache is a dual cache, wider
+    warmup = opts.warmup_steps if vicinity else 0
+
+    def start(rows: Tensor, s: int) -> Block:
+        """The rows' refresh forward: decodes, and its KV becomes their cache for the block."""
+        window = (max(0, s - opts.prefix_look), min(L, s + bs + opts.after_look))
+        state["rows"] = rows
+        return start_block(
+            model, rec, batch, ids, s, bs, kind, family, choose, apply, rows,
+            window if vicinity else None, after,
+        )  # fmt: skip
+
+    def step(blk: Block, cache: str) -> None:
+        state["rows"] = blk.act
+        refine(model, rec, batch, ids, blk, cache, family, choose, apply, mask_id, after)
 
     for k in range(cfg.num_blocks):
         if opts.early_stop:
@@ -211,11 +305,24 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
                 if keep is None:
                     break
                 ids = ids[keep]
-        state["rows"], state["credit"] = torch.arange(batch.x.shape[0], device=device), None
-        blk = _start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
-        while blk.act.numel():
-            state["rows"] = blk.act
-            _refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
+        s = P + k * bs
+        state["credit"] = None
+        rows = torch.arange(batch.x.shape[0], device=device)
+        warm = rec.row_forwards[batch.rows] < warmup  # (B,) rows still in the vicinity warmup
+        # warm rows take full forwards without a cache; a row refreshes (`start`) at its first
+        # forward after the warmup; rows refreshed at different forwards keep separate caches
+        warming = Block(s, s + bs, None, None, rows[warm])
+        groups = [start(rows[~warm], s)] if not bool(warm.all()) else []
+        while warming.act.numel() or any(g.act.numel() for g in groups):
+            if warming.act.numel():
+                step(warming, "none")
+                ready = rec.row_forwards[batch.rows[warming.act]] >= warmup
+                if bool(ready.any()):
+                    groups.append(start(warming.act[ready], s))
+                    warming.act = warming.act[~ready]
+            for g in groups:
+                if g.act.numel():
+                    step(g, kind)
     if batch.x.shape[0]:
         rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()

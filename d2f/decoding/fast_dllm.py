@@ -135,7 +135,7 @@ def confidence_dtype(precision: str, family: Family, logits_dtype: torch.dtype) 
     return logits_dtype  # Dream upstream: the model's dtype
 
 
-def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
+def tokens_conf(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tensor, Tensor]:
     """(b, W, V) logits -> x0 (b, W) long, conf (b, W): the raw-logit probability of x0.
 
     The mask id is never predicted (x0 is the arg-max over the other ids), but conf is its
@@ -149,8 +149,9 @@ def _tokens(logits: Tensor, cfg, opts, family, mask_id: int, gen) -> tuple[Tenso
     return x0, probs.gather(-1, x0[..., None])[..., 0]
 
 
-def _dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
-    """The block-start cache of all L columns -> [0, s) and [e, L): the block goes at the end."""
+def dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
+    """The block-start cache of all L columns -> [0, s) and [e, L): columns [s, e) (the block, or
+    dInfer's vicinity window) are forwarded after them."""
     data = [
         (
             torch.cat([layer.keys[:, :, :s], layer.keys[:, :, e:]], 2),
@@ -171,21 +172,23 @@ def keep_columns(cache: DynamicCache, n: int) -> None:
 _keep = keep_columns  # the former private name
 
 
-def _dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
-    """(B, bs, L) bool: the block's queries over keys ordered [prefix | suffix | block]."""
-    m = full_mask(ids, s, e)  # (B, bs, L), keys in column order
+def dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
+    """(B, e - s, L) bool: the queries of columns [s, e) over keys ordered [prefix | suffix |
+    [s, e)], the order of `dual_cache` plus the forwarded columns."""
+    m = full_mask(ids, s, e)  # (B, e - s, L), keys in column order
     return torch.cat([m[..., :s], m[..., e:], m[..., s:e]], -1)
 
 
 @dataclass
-class _Block:
+class Block:
     """One block's decoding context: the rows still masked in it and their cache."""
 
     s: int
     e: int
     cache: DynamicCache | None
-    carry: Tensor  # (b, V) logits just before the block (Dream's shift), from the block start
+    carry: Tensor | None  # (b, V) logits just before the block (Dream's shift), from the start
     act: Tensor  # (b,) long, batch rows whose block still has a mask
+    window: tuple[int, int] | None = None  # dual: the columns a step forwards (None = [s, e))
 
 
 @torch.no_grad()
@@ -203,7 +206,7 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
     rec.prefill_done()  # no prefill: every block starts with a full forward
 
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
-        x0, conf = _tokens(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
+        x0, conf = tokens_conf(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
         if cfg.remasking == "random":  # upstream LLaDA's remasking="random": conf ~ U[0, 1)
             conf = torch.rand(conf.shape, generator=gen, device=device, dtype=torch.float64)
         masked = blk == mask_id
@@ -228,57 +231,90 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
                 if keep is None:
                     break
                 ids = ids[keep]
-        blk = _start_block(model, rec, batch, ids, P + k * bs, bs, opts, family, choose, apply)
+        s = P + k * bs
+        blk = start_block(model, rec, batch, ids, s, bs, opts.cache, family, choose, apply)
         while blk.act.numel():
-            _refine(model, rec, batch, ids, blk, opts, family, choose, apply, mask_id)
+            refine(model, rec, batch, ids, blk, opts.cache, family, choose, apply, mask_id)
     if batch.x.shape[0]:
         rec.finish(batch, torch.ones(batch.x.shape[0], dtype=torch.bool, device=device))
     rec.close()
 
 
-def _start_block(model, rec, batch, ids, s, bs, opts, family, choose, apply) -> _Block:
-    """The block-start full forward, its commit, and the cache the refinement steps reuse."""
+def start_block(
+    model, rec, batch, ids, s, bs, cache, family, choose, apply, rows=None, window=None, after=None
+) -> Block:
+    """The block-start full forward, its commit, and the cache the refinement steps reuse.
+
+    cache: "none" / "prefix" / "dual". rows: (b,) long batch rows to start (None = all).
+    window: dual only, the columns (lo, hi) around [s, e) that each refinement step forwards
+    (dInfer's vicinity window; None = the block). after(rows, start, logits): called after the
+    commit with the call's raw (b, n, V) logits over columns [start, start + n).
+    """
     e, L = s + bs, batch.x.shape[1]
-    rows = torch.arange(batch.x.shape[0], device=batch.x.device)
-    cache = None if opts.cache == "none" else DynamicCache(config=model.config)
-    logits = forward(model, rec, batch, full_mask(ids), 0, L, cache)  # (B, L, V)
-    preds = family.align_logits(logits)[:, s:e]  # (B, bs, V)
-    x0, chosen = choose(preds, batch.x[:, s:e])
+    if rows is None:
+        rows = torch.arange(batch.x.shape[0], device=batch.x.device)
+        sub = batch
+    else:
+        sub = batch.subset(rows)
+    kv = None if cache == "none" else DynamicCache(config=model.config)
+    logits = forward(model, rec, sub, full_mask(ids[rows]), 0, L, kv)  # (b, L, V)
+    preds = family.align_logits(logits)[:, s:e]  # (b, bs, V)
+    x0, chosen = choose(preds, sub.x[:, s:e])
     if family.shift_logits:  # Dream as released: only the block's first token, unconditionally
         chosen = torch.zeros_like(chosen)
         chosen[:, 0] = True
     apply(rows, s, x0, chosen)
-    if opts.cache == "prefix":
-        keep_columns(cache, s)
-    elif opts.cache == "dual":
-        cache = _dual_cache(cache, s, e, model.config)
-    act = rows[(batch.x[:, s:e] == family.mask_token_id).any(-1)]
-    if act.numel() < rows.numel() and cache is not None:
-        cache.batch_select_indices(act)
-    return _Block(s, e, cache, logits[act, s - 1], act)
+    if after is not None:
+        after(rows, 0, logits)
+    lo, hi = (s, e) if window is None else window
+    if cache == "prefix":
+        keep_columns(kv, s)
+    elif cache == "dual" and (lo, hi) == (0, L):
+        kv = None  # NOTE: a window over every column caches none (and transformers leaves an
+        # empty cache's batch unselected, so no empty cache is kept)
+    elif cache == "dual":
+        kv = dual_cache(kv, lo, hi, model.config)
+    left = (batch.x[rows, s:e] == family.mask_token_id).any(-1)  # (b,)
+    act = rows[left]
+    if act.numel() < rows.numel() and kv is not None:
+        kv.batch_select_indices(left.nonzero()[:, 0])
+    return Block(s, e, kv, logits[left, s - 1], act, None if window is None else (lo, hi))
 
 
-def _refine(model, rec, batch, ids, blk: _Block, opts, family, choose, apply, mask_id) -> None:
+def refine(
+    model, rec, batch, ids, blk: Block, cache, family, choose, apply, mask_id, after=None
+) -> None:
     """One refinement step over the rows still masked in the block; rows that complete it leave
-    the step's sub-batch (and the cache), so they cost no more forwards in this block."""
+    the step's sub-batch (and the cache), so they cost no more forwards in this block.
+    cache and after as in `start_block`."""
     s, e, L, act = blk.s, blk.e, batch.x.shape[1], blk.act
-    sub = Batch(batch.x[act], batch.valid[act], batch.pos[act], batch.rows[act], batch.prompt_len)
-    if opts.cache == "none":
-        logits = forward(model, rec, sub, full_mask(ids[act]), 0, L)  # (b, L, V)
+    sub = batch.subset(act)
+    if cache == "none":
+        start, logits = 0, forward(model, rec, sub, full_mask(ids[act]), 0, L)  # (b, L, V)
         preds = family.align_logits(logits)[:, s:e]
-    elif opts.cache == "prefix":
+    elif cache == "prefix":
+        start = s
         logits = forward(model, rec, sub, full_mask(ids[act], s, L), s, L, blk.cache)  # (b, L-s, V)
         keep_columns(blk.cache, s)
         preds = family.align_logits(logits, blk.carry)[:, : e - s]
     else:
-        logits = forward(model, rec, sub, _dual_mask(ids[act], s, e), s, e, blk.cache)  # (b, bs, V)
-        keep_columns(blk.cache, L - (e - s))
-        preds = family.align_logits(logits, blk.carry)
+        start, hi = (s, e) if blk.window is None else blk.window
+        mask = dual_mask(ids[act], start, hi)
+        logits = forward(model, rec, sub, mask, start, hi, blk.cache)  # (b, hi - start, V)
+        if blk.cache is not None:
+            keep_columns(blk.cache, L - (hi - start))
+        # a window opening before the block holds the logits that predict column s itself
+        carry = blk.carry if start == s else None
+        preds = family.align_logits(logits, carry)[:, s - start : e - start]
     x0, chosen = choose(preds, sub.x[:, s:e])
     apply(act, s, x0, chosen)
+    if after is not None:
+        after(act, start, logits)
     left = (batch.x[act, s:e] == mask_id).any(-1)  # (b,)
     if not bool(left.all()):  # one sync per step
         keep = left.nonzero()[:, 0]
         if blk.cache is not None:
             blk.cache.batch_select_indices(keep)
-        blk.act, blk.carry = act[keep], blk.carry[keep]
+        blk.act = act[keep]
+        if blk.carry is not None:
+            blk.carry = blk.carry[keep]

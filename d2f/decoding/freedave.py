@@ -20,7 +20,7 @@ token per call. Caches (`options.cache`):
 
 * `none` / `prefix` / `dual` (bidirectional LLaDA / Dream): static is `fast_dllm` with a
   threshold above 1 (one token per step) over the same cache; each block starts with
-  Fast-dLLM v1's full forward (`fast_dllm._start_block`: LLaDA commits its top-1, Dream its
+  Fast-dLLM v1's full forward (`fast_dllm.start_block`: LLaDA commits its top-1, Dream its
   first token), whose predictions are FreeDave's first `p`;
 * `exact` (block-causal D2F students): static is `cache_only` with `tau_conf = 1`; as there, the
   first block starts with one forward over [prompt | block] (no separate prefill), each later
@@ -51,7 +51,7 @@ from d2f.decoding.common import (
     predict,
 )
 from d2f.decoding.config import DecodeConfig, strategy_options
-from d2f.decoding.fast_dllm import FastDLLMOptions, _dual_mask, _start_block, _tokens
+from d2f.decoding.fast_dllm import FastDLLMOptions, dual_mask, start_block, tokens_conf
 from d2f.family import Family
 from d2f.mask import block_causal_mask, block_ids, full_mask
 
@@ -211,7 +211,7 @@ def _decode_bidirectional(model, batch, cfg, family, rec, end_ids) -> None:
     start_preds = {}
 
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
-        x0, conf = _tokens(preds, cfg, static, family, mask_id, None)  # (B, bs) each
+        x0, conf = tokens_conf(preds, cfg, static, family, mask_id, None)  # (B, bs) each
         start_preds["x0"], start_preds["conf"] = x0, conf
         return x0, static_step(blk, x0, conf, mask_id) != blk
 
@@ -230,7 +230,7 @@ def _decode_bidirectional(model, batch, cfg, family, rec, end_ids) -> None:
                     return
                 ids = ids[keep]
         s = P + k * bs
-        blk = _start_block(model, rec, batch, ids, s, bs, static, family, choose, apply)
+        blk = start_block(model, rec, batch, ids, s, bs, static.cache, family, choose, apply)
         score = partial(_score_bidirectional, model, rec, batch, ids, blk, cfg, static, family)
         x0, conf = start_preds["x0"][blk.act], start_preds["conf"][blk.act]
         _refine_block(rec, batch, blk.act, s, x0, conf, opts, score, mask_id, end_ids)
@@ -251,9 +251,9 @@ def _score_bidirectional(model, rec, batch, ids, blk, cfg, static, family, draft
         preds = family.align_logits(logits, blk.carry[local])[:, : e - s]
     else:
         cache = _cache_rows(blk.cache, local, model.config)
-        logits = forward(model, rec, sub, _dual_mask(ids[rows], s, e), s, e, cache)  # (n, bs, V)
+        logits = forward(model, rec, sub, dual_mask(ids[rows], s, e), s, e, cache)  # (n, bs, V)
         preds = family.align_logits(logits, blk.carry[local])
-    return _tokens(preds, cfg, static, family, family.mask_token_id, None)
+    return tokens_conf(preds, cfg, static, family, family.mask_token_id, None)
 
 
 def _decode_exact(model, batch, cfg, family, rec, end_ids) -> None:
