@@ -169,7 +169,6 @@ def keep_columns(cache: DynamicCache, n: int) -> None:
         cache.crop(-extra)
 
 
-_keep = keep_columns  # the former private name
 
 
 def dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
