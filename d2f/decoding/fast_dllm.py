@@ -169,8 +169,6 @@ def keep_columns(cache: DynamicCache, n: int) -> None:
         cache.crop(-extra)
 
 
-
-
 def dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
     """(B, e - s, L) bool: the queries of columns [s, e) over keys ordered [prefix | suffix |
     [s, e)], the order of `dual_cache` plus the forwarded columns."""
