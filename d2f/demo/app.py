@@ -91,7 +91,9 @@ def build(sides: list[Side], title: str, problems: list[tuple[str, str]]) -> gr.
         with gr.Accordion("decoding settings (D2F side; the paper's defaults)", open=True):
             with gr.Row():
                 strategy = gr.Dropdown(list(engine.DLLM_STRATEGIES), value="d2f", label="strategy")
-                block_size = gr.Number(PAPER.block_size, label="block size", precision=None)
+                block_size = gr.Number(
+                    PAPER.block_size, label="block size", precision=None, elem_id="block-size"
+                )
                 tau_add = gr.Number(PAPER.tau_add, label="tau_add (add a block)")
                 tau_act = gr.Number(PAPER.tau_act, label="tau_act (fully activate)")
                 tau_conf = gr.Number(PAPER.tau_conf, label="tau_conf (commit)")
