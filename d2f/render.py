@@ -93,7 +93,24 @@ def render_png(
 
 
 def render_html(trace: list[StepEvent], path: str | Path, row: int = 0, tokenizer=None) -> Path:
-    """Save the decode picture as an HTML table; committed cells show their token."""
+    """Save the decode picture as an HTML page (`decode_html`); returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<html><body>{decode_html(trace, row, tokenizer)}</body></html>\n")
+    return path
+
+
+def legend_html() -> str:
+    """The picture's legend: one coloured swatch per cell code."""
+    return " ".join(
+        f"<span style='background:{COLOURS[k]};padding:0 8px;border:1px solid #999'>{v}</span>"
+        for k, v in LEGEND.items()
+    )
+
+
+def decode_html(trace: list[StepEvent], row: int = 0, tokenizer=None) -> str:
+    """The decode picture as an HTML fragment (the legend, then a table with one row per step);
+    committed cells show their token."""
     grid = decode_grid(trace, row)
     events = [e for e in trace if bool((e.rows == row).any())]
     out = ["<table style='border-collapse:collapse;font:11px monospace'>"]
@@ -112,11 +129,4 @@ def render_html(trace: list[StepEvent], path: str | Path, row: int = 0, tokenize
             )
         out.append("</tr>")
     out.append("</table>")
-    legend = " ".join(
-        f"<span style='background:{COLOURS[k]};padding:0 8px;border:1px solid #999'>{v}</span>"
-        for k, v in LEGEND.items()
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<html><body><p>{legend}</p>{''.join(out)}</body></html>\n")
-    return path
+    return f"<p>{legend_html()}</p>{''.join(out)}"
