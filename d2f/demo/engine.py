@@ -266,14 +266,9 @@ class Models:
 def quickstart_student(world: str, out: str | Path | None = None) -> Path | None:
     """The newest D2F student adapter the quickstart has cached for `world` (None when it has not
     run). `out` is the quickstart's `--out`, default its own default."""
-    from d2f.tinyworld.quickstart import DEFAULT_WORLD
+    from d2f.tinyworld.quickstart import default_out
 
-    # NOTE: the quickstart computes its default --out inside main(); this mirrors that line
-    out = (
-        Path(out)
-        if out
-        else Path("outputs/tinyworld" + ("" if world == DEFAULT_WORLD else f"_{world}"))
-    )
+    out = Path(out) if out else default_out(world)
     # every cached stage is `cache/<stage>-<key>/` with a `.done` marker (quickstart.cached)
     done = sorted((out / "cache").glob("student-*/.done"), key=lambda p: p.stat().st_mtime)
     adapters = [p.parent / "adapter" for p in done if (p.parent / "adapter").is_dir()]

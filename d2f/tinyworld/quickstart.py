@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     world, spec = args.world, WORLDS[args.world]
-    out = args.out or Path("outputs/tinyworld" + ("" if world == DEFAULT_WORLD else f"_{world}"))
+    out = args.out or default_out(world)
     cache, results = out / "cache", out / "results"
     env = environment()
 
@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     _write_results(world, table, sweep, speeds, results, args, env)
     _picture(models["teacher"], adapters["student"], results, spec, z)
     print(f"\nquickstart done in {time.perf_counter() - t_start:.0f} s; results in {results}/")
+
+
+def default_out(world: str) -> Path:
+    """The quickstart's default --out for `world` (the demo finds the cached student there)."""
+    return Path("outputs/tinyworld" + ("" if world == DEFAULT_WORLD else f"_{world}"))
 
 
 DEFAULT_WORLD = "chain"  # the second edition; `add2` stays for the test suite
