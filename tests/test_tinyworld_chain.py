@@ -329,3 +329,11 @@ def test_progress_reads_the_last_logged_step(tmp_path):
     assert quickstart._last_step(metrics) == 50
     metrics.write_text('{"step": 25}\n{"ste')  # a line being written
     assert quickstart._last_step(metrics) == 0
+
+
+def test_speed_up_is_n_a_when_vanilla_generated_nothing():
+    """A barely trained teacher (the shrunk --fresh run) may end every answer at once: vanilla's
+    TPS is 0 and the speed-up column must say n/a instead of dividing by zero."""
+    assert quickstart._ratio(6.0, 3.0) == 2.0
+    assert quickstart._ratio(6.0, 0.0) is None
+    assert quickstart._times(None) == "n/a" and quickstart._times(2.0) == "2.00x"

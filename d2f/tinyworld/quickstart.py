@@ -478,6 +478,15 @@ def _aup(points: list[tuple[float, float]], y_max: float) -> float | None:
     return aup(kept, y_max)
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, None when vanilla generated nothing to compare with (e.g. a barely trained teacher)."""
+    return a / b if b > 0 else None
+
+
+def _times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def _write_results(world, table, sweep, speeds, results: Path, args, env: str) -> None:
     from d2f.lmeval.table import markdown
 
@@ -502,9 +511,9 @@ def _write_results(world, table, sweep, speeds, results: Path, args, env: str) -
             "gen_len": r.speed["gen_length"],
             "tps_b1": sp["tps_b1"],
             "latency_b1_s": sp["latency_b1_s"],
-            "speedup_b1": sp["tps_b1"] / b["tps_b1"],
+            "speedup_b1": _ratio(sp["tps_b1"], b["tps_b1"]),
             f"tps_b{big}": sp["tps_big"],
-            f"speedup_b{big}": sp["tps_big"] / b["tps_big"],
+            f"speedup_b{big}": _ratio(sp["tps_big"], b["tps_big"]),
             "aup": curve_aup,
         }
         records.append(rec)
@@ -517,9 +526,9 @@ def _write_results(world, table, sweep, speeds, results: Path, args, env: str) -
                 f"{rec['gen_len']:.1f}",
                 f"{rec['tps_b1']:.0f}",
                 f"{rec['latency_b1_s']:.3f}",
-                f"{rec['speedup_b1']:.2f}x",
+                _times(rec["speedup_b1"]),
                 f"{rec[f'tps_b{big}']:.0f}",
-                f"{rec[f'speedup_b{big}']:.2f}x",
+                _times(rec[f"speedup_b{big}"]),
                 "n/a" if curve_aup is None else f"{curve_aup:.1f}",
             ]
         )
