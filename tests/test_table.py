@@ -281,14 +281,15 @@ def test_quickstart_table_from_the_table_module(tmp_path):
     import math
     from argparse import Namespace
 
-    from d2f.tinyworld.quickstart import Row, _read_eval, _write_results
+    from d2f.tinyworld.quickstart import Row
+    from d2f.tinyworld.results import read_eval, write_results
 
     def tiny_run(name, strategy, score, tokens, forwards=50):
         run = tmp_path / "cache" / name
         tasks = {"d2f_tiny_add": speed_entry(10, tokens, tokens + 10, forwards, 1.0)}
         results = {"results": {"d2f_tiny_add": {"exact_match,strict-match": score}}}
         write_run(run, strategy, tasks, results, "2026-01-01T00-00-00.1", batch_size=4)
-        return _read_eval(run)
+        return read_eval(run)
 
     vanilla = Row("vanilla dLLM", "teacher", {"strategy": "vanilla"})
     d2f = Row("D2F pipelined", "student", {"strategy": "d2f"})
@@ -305,7 +306,7 @@ def test_quickstart_table_from_the_table_module(tmp_path):
     }
     results = tmp_path / "results"
     args = Namespace(big_batch=4, n=10, repeats=3, time_n=2)
-    _write_results("add2", table, sweep, speeds, results, args, "env")
+    write_results("add2", table, sweep, speeds, results, args, "env")
 
     def w(y):  # the leaderboard's weight, y_max 98 (the best score in the table)
         return min(math.exp(-3 * (1 - y / 98.0)), 1.0)

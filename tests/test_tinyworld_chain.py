@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from d2f.decoding.config import BlockState, StepEvent
-from d2f.tinyworld import quickstart
+from d2f.tinyworld import quickstart, results
 from d2f.tinyworld.task import CHAIN_RANGE, CHAIN_STEPS, records
 
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+) \.")
@@ -103,8 +103,8 @@ def test_sweep_aup_keeps_only_points_within_five_of_the_first():
     with pytest.raises(ValueError):  # refuses the whole curve ...
         aup(pts, 90.0)
     # ... the table reports the curve of the points it would keep
-    assert quickstart._aup(pts, 90.0) == pytest.approx(aup(pts[:2], 90.0))
-    assert quickstart._aup([(2.0, 50.0)], 90.0) == pytest.approx(100.0)  # one point: rho * y
+    assert results.curve_aup_of(pts, 90.0) == pytest.approx(aup(pts[:2], 90.0))
+    assert results.curve_aup_of([(2.0, 50.0)], 90.0) == pytest.approx(100.0)  # one point: rho * y
 
 
 def _event(step, answer_len, block_states, committed_cols):
@@ -128,10 +128,10 @@ def test_blocks_in_flight_counts_blocks_decoding_in_the_same_step():
         _event(3, 6, [F, F, S], [2]),
         _event(4, 6, [F, F, F], [3, 4, 5]),
     ]
-    most, both = quickstart.blocks_in_flight(trace, 0, 2)
+    most, both = results.blocks_in_flight(trace, 0, 2)
     assert most == 2 and both  # steps 2 and 3: two live blocks, one semi- and one fully activated
     alone = [_event(1, 4, [F, A], [0, 1]), _event(2, 4, [F, F], [2, 3])]
-    assert quickstart.blocks_in_flight(alone, 0, 2) == (1, False)
+    assert results.blocks_in_flight(alone, 0, 2) == (1, False)
 
 
 def test_race_alternates_rows_prompt_by_prompt_and_keeps_each_prompts_best(monkeypatch):
@@ -334,6 +334,6 @@ def test_progress_reads_the_last_logged_step(tmp_path):
 def test_speed_up_is_n_a_when_vanilla_generated_nothing():
     """A barely trained teacher (the shrunk --fresh run) may end every answer at once: vanilla's
     TPS is 0 and the speed-up column must say n/a instead of dividing by zero."""
-    assert quickstart._ratio(6.0, 3.0) == 2.0
-    assert quickstart._ratio(6.0, 0.0) is None
-    assert quickstart._times(None) == "n/a" and quickstart._times(2.0) == "2.00x"
+    assert results.ratio(6.0, 3.0) == 2.0
+    assert results.ratio(6.0, 0.0) is None
+    assert results.times(None) == "n/a" and results.times(2.0) == "2.00x"
