@@ -98,6 +98,36 @@ def test_concurrent_streams_do_not_mix(sides, questions):
             assert results[n][i].counters.forwards == ref.stats.forwards
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["d2f", "ar"])
+def test_live_forward_counter_counts_only_its_own_decode(sides, questions, which):
+    """Two decodes of the SAME model in flight at once (a barrier after each one's first step
+    makes both forward hooks registered while both decode): each live counter counts only its own
+    thread's model calls, so the last live count equals its decode's DecodeStats.forwards."""
+    side, cfg = sides[which], engine.settings(8, 0.1, 0.95, 0.9)[which]
+    barrier = threading.Barrier(2, timeout=60)
+    emitted = {1: [], 2: []}
+
+    def emit(n, snap):
+        if not emitted[n]:
+            barrier.wait()  # both decodes are past their first step: both hooks are on the model
+        emitted[n].append(snap)
+
+    def run(n):
+        ids = engine.prompt_ids(side.tokenizer, questions[n])
+        engine.side_stream(side, ids, cfg, threading.Event(), lambda s: emit(n, s))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for n in (1, 2):
+        ref = generate(side.model, [engine.prompt_ids(side.tokenizer, questions[n])], cfg)
+        live = [s.counters for s in emitted[n] if s.status == "running"]
+        assert emitted[n][-1].status == "done" and live
+        assert live[-1].forwards == ref.stats.forwards
+
+
 def test_stop_ends_both_decodes_at_their_next_step(sides, questions):
     stop = threading.Event()
     stop.set()  # pressed before the first step: each side stops at its first step
