@@ -28,6 +28,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")  # both take our explicit 4D additive masks
 
 
+def check_attention(name: str | None, where: str = "attn_implementation") -> None:
+    """Refuse an attention backend that cannot take d2f's explicit 4D float masks, before any load.
+
+    NOTE: `flex_attention` is refused: transformers converts a 4D tensor mask for flex itself and on
+    CPU the process then aborts ("double free or corruption"); d2f's decoder and trainer pass 4D
+    masks. (`d2f.mask.flex_block_mask` is the rule as a `BlockMask`, tested inside the model, but
+    no d2f loop passes it yet.) Flash-attention kernels take no arbitrary mask at all.
+    """
+    if name is None or name in ATTENTION:
+        return
+    why = {
+        "flex_attention": "d2f passes 4D float masks, which transformers converts for flex; on "
+        "CPU that aborts the process (a double free)",
+    }.get(name, "d2f passes explicit 4D float masks, which only these backends take")
+    raise ValueError(f"{where}={name!r} is not supported: {why}; use one of {ATTENTION}")
+
+
 def _families() -> tuple[str, ...]:
     from d2f.family import SPECS  # transformers: imported only when a config is checked
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from d2f.config import check_attention
 from d2f.family import Family, FamilySpec, detect_spec, family_of
 from d2f.paths import is_local, missing
 
@@ -237,6 +238,7 @@ def load_model(
     folds the LoRA weights into the base weights (faster inference; the adapter can no longer be
     disabled, so no teacher pass).
     """
+    check_attention(attn_implementation)
     raw = read_config(name_or_path)
     spec = detect_spec(raw, where=f"{name_or_path}/config.json")
     hf_config = spec.hf_config(raw)

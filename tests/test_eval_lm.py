@@ -358,3 +358,10 @@ def test_local_gsm8k_task_scores_like_gsm8k():
     assert ours.metric_list == ref["metric_list"]
     assert ours.doc_to_text == ref["doc_to_text"]
     assert ours.generation_kwargs["until"] == ref["generation_kwargs"]["until"]
+
+
+def test_lm_refuses_flex_attention_before_loading(tmp_path):
+    from d2f.lmeval.lm import D2FLM
+
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention' is not supported"):
+        D2FLM(pretrained=str(tmp_path / "nothing-here"), attn_implementation="flex_attention")

@@ -249,6 +249,21 @@ def test_unsupported_llada_field(tmp_path, tiny_dir):
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2"])
+def test_attention_that_cannot_take_4d_masks_is_refused_before_any_load(tmp_path, tiny_dir, attn):
+    """flex aborts the process on CPU when transformers converts d2f's 4D masks (a double free):
+    refused with a clear error, before the path is even read (a missing one is not reported)."""
+    from d2f.decoding import generate
+
+    with pytest.raises(ValueError, match=f"attn_implementation='{attn}' is not supported"):
+        load_model(tmp_path / "does-not-exist", attn_implementation=attn)
+    model, _ = load_model(tiny_dir("llada"), attn_implementation="eager")  # the allowed ones load
+    assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation("flex_attention")  # a model switched after loading: generate
+    with pytest.raises(ValueError, match="the model's attention='flex_attention'"):
+        generate(model, [[10, 11, 12]], max_new_tokens=4, block_size=4)
+
+
 def test_load_by_hub_id_from_cache(tmp_path, tiny_dir, monkeypatch):
     """A hub id resolves through the hub cache (populated here, read offline), as on a cluster."""
     cache = tmp_path / "hub"

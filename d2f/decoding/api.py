@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
+from d2f.config import check_attention
 from d2f.decoding.baselines import ar_decode, vanilla_decode
 from d2f.decoding.common import Recorder
 from d2f.decoding.config import (
@@ -195,6 +196,7 @@ def generate(
     """
     cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
     family = family_of(model)
+    check_attention(getattr(model.config, "_attn_implementation", None), "the model's attention")
     context = model_context(model, cfg)
     ids = encode_prompts(prompts, tokenizer, family, cfg)
     _check_model(family, cfg, model.config.vocab_size, ids)

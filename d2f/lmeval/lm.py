@@ -45,6 +45,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from d2f.config import check_attention
 from d2f.decoding import DecodeConfig, generate
 from d2f.decoding.api import CAUSAL_STRATEGIES
 from d2f.decoding.config import parse_options
@@ -155,6 +156,7 @@ class D2FLM(TemplateLM):
         decode_kwargs.setdefault("truncate_prompt", True)  # as the published eval: keep the end
         self.decode = DecodeConfig(**decode_kwargs)
         self._user_decode_keys = set(decode_kwargs)
+        check_attention(attn_implementation, "d2f model_args: attn_implementation")
         if str(batch_size).startswith("auto"):
             raise ValueError("d2f: batch_size=auto is not supported; give an integer")
         self.batch_size = int(batch_size)
