@@ -5,9 +5,10 @@ Public API: `load_model` (LLaDA / Dream checkpoints and D2F LoRA adapters in the
 `save_adapter` (back to the original formats), `family_of` (the family facts of a model).
 """
 
+from d2f.adapters import save_adapter
 from d2f.decoding import DecodeConfig, DecodeOutput, generate
 from d2f.family import Family, family_of
-from d2f.models import build_model, load_model, save_adapter, save_model
+from d2f.models import build_model, load_model, save_model
 
 __all__ = [
     "DecodeConfig",

@@ -2,7 +2,7 @@
 
     <output_dir>/checkpoint-000100/
         adapter/      distill: the LoRA adapter, PEFT format, the family's ORIGINAL module names
-                      (`d2f.models.save_adapter`; loads with `load_model(base, adapter=...)`)
+                      (`d2f.adapters.save_adapter`; loads with `load_model(base, adapter=...)`)
         model/        mdm, ar: the whole model in its original format (`d2f.models.save_model`)
         state/        trainer_state.json   step, data order, noise generator, lr scheduler,
                                            process count (JSON, written and read by d2f)
@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
+from d2f.adapters import save_adapter
 from d2f.data import EpochSampler
-from d2f.models import save_adapter, save_model
+from d2f.models import save_model
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from d2f.adapters import save_adapter
 from d2f.decoding import DecodeConfig, encode_prompts, generate
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, to_additive
-from d2f.models import load_model, save_adapter
+from d2f.models import load_model
 
 TEACHER = Path(__file__).resolve().parents[1] / "d2f/tinyworld/assets/teacher"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

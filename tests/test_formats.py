@@ -19,9 +19,10 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 
+from d2f.adapters import save_adapter
 from d2f.family import edit_tokenizer_config, family_of, portable_tokenizer_config
 from d2f.mask import to_additive
-from d2f.models import load_model, load_tokenizer, read_config, save_adapter, save_model
+from d2f.models import load_model, load_tokenizer, read_config, save_model
 from d2f.tiny import write_tiny_checkpoint
 from tests.original_forward import (
     ORIGINAL_LOGITS,

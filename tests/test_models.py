@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2f.adapters import save_adapter
 from d2f.family import family_of
 from d2f.mask import block_ids, causal_mask, full_mask, to_additive
-from d2f.models import load_model, read_config, save_adapter, save_model
+from d2f.models import load_model, read_config, save_model
 
 LLADA_BLOCK_KEYS = {
     "attn_norm",

@@ -73,7 +73,7 @@ def test_cli_merges_the_adapter_by_default_and_says_so(tiny_dir, capsys, tmp_pat
     """--adapter is folded into the weights unless --no-merge_adapter; the text is the same."""
     from peft import LoraConfig, get_peft_model
 
-    from d2f.models import save_adapter
+    from d2f.adapters import save_adapter
 
     base, _ = load_model(tiny_dir("llada"))
     torch.manual_seed(0)
