@@ -254,7 +254,8 @@ def collate(data: Encoded, indices: list[int]) -> TokenBatch:
             p = data.prompt_lens[k]
             cols = data.ranks[k][: L - p]  # answer column j sits at position p + j
             rank[row, :p] = -1
-            rank[row, p : p + len(cols)] = torch.tensor(cols, dtype=torch.long)
+            cols = torch.tensor(cols, dtype=torch.long)
+            rank[row, p : p + len(cols)] = torch.where(cols < 0, NEVER_DECODED, cols)
     prompt_lens = torch.tensor([data.prompt_lens[k] for k in indices], dtype=torch.long)
     return TokenBatch(input_ids, prompt_lens, lengths, rank)
 
