@@ -63,7 +63,7 @@ def test_active_regions_per_row():
     """Rows of different prompt lengths each draw their own block k in {0..n}: s = P + k Bk,
     e = s + Bk, or the span's end for k = n (empty when the span is whole blocks)."""
     P = torch.tensor([2, 5, 3])
-    end = torch.tensor([12, 12, 7])  # spans 10, 7, 4 -> n = 2 (rest 2), 3 (rest 1), 1 (rest 0)
+    end = torch.tensor([12, 12, 7])  # spans 10, 7, 4 -> n = 3, 2, 1 (rests 1, 1, 1)
     seen, pairs = [set(), set(), set()], set()
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
