@@ -11,7 +11,8 @@ Layout (one Hydra group per top-level section):
     model   what to train from: checkpoint path, dtype, attention backend, init
     data    question/answer sources, field names, sequence length, chat template
     train   objective, optimiser, schedule, batch, checkpoints, logging; with nested
-            train.noise (the block noise schedule) and train.lora (the student adapter)
+            train.noise (the block noise schedule), train.lora (the student adapter) and
+            train.certainty (the dparallel / d3llm objectives)
 """
 
 from __future__ import annotations
@@ -182,11 +183,51 @@ class LoraConfig:
         _check(0.0 <= self.dropout < 1.0, "train.lora.dropout", "must lie in [0, 1)", self.dropout)
 
 
+TRAJECTORY_MODES = ("intended", "upstream")
+
+
+@dataclass
+class CertaintyConfig:
+    """dParallel / d3LLM objectives (`dparallel`, `d3llm`; d2f.certainty, docs/training.md)."""
+
+    mask_prob: float = 0.5005  # dparallel: P(masked) in the active block, (0, 1]; 0.5(1-eps)+eps
+    temperature: float = 0.5  # entropy term H(softmax(z / temperature)) of correct tokens, > 0
+    entropy_weight: float | None = None  # lambda, >= 0; None = the authors' (2 LLaDA, 1 Dream)
+    ratio_min: float = 0.0  # d3llm: r ~ U[ratio_min + (ratio_max - ratio_min) * progress, max]
+    ratio_max: float = 0.8  # d3llm: upper bound of the mask ratio r, in [ratio_min, 1]
+    block_sizes: list[int] | None = None  # d3llm: block size per epoch; None = noise.block_size
+    trajectory: str = "intended"  # d3llm: intended | upstream (off-by-one, teacher blocks)
+
+    def __post_init__(self) -> None:
+        key = "train.certainty."
+        _check(0.0 < self.mask_prob <= 1.0, key + "mask_prob", "must lie in (0, 1]", self.mask_prob)
+        _check(self.temperature > 0, key + "temperature", "must be > 0", self.temperature)
+        _check(
+            self.entropy_weight is None or self.entropy_weight >= 0,
+            key + "entropy_weight",
+            "must be >= 0 or null",
+            self.entropy_weight,
+        )
+        _check(
+            0.0 <= self.ratio_min <= self.ratio_max <= 1.0,
+            key + "ratio_min",
+            f"and ratio_max={self.ratio_max} must satisfy 0 <= min <= max <= 1",
+            self.ratio_min,
+        )
+        _check(
+            self.block_sizes is None or (len(self.block_sizes) > 0 and min(self.block_sizes) > 0),
+            key + "block_sizes",
+            "must be null or a non-empty list of sizes > 0",
+            self.block_sizes,
+        )
+        _choice(self.trajectory, TRAJECTORY_MODES, key + "trajectory")
+
+
 @dataclass
 class TrainConfig:
     """Objective, optimiser, batch, checkpoints and logs of one run."""
 
-    objective: str = "distill"  # distill (D2F student) | mdm (MDM teacher) | ar (AR baseline)
+    objective: str = "distill"  # distill (D2F student) | mdm | ar | dparallel | d3llm
     max_steps: int = 50_000  # optimiser steps in total (a resumed run stops here too)
     micro_batch_size: int = 1  # sequences per process per forward
     grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro * accum * procs
@@ -213,6 +254,7 @@ class TrainConfig:
     wandb_mode: str = "offline"  # offline (sync later, never needs network) | online
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    certainty: CertaintyConfig = field(default_factory=CertaintyConfig)
 
     def __post_init__(self) -> None:
         _choice(self.objective, _objectives(), "train.objective")
@@ -321,4 +363,5 @@ _SECTIONS = {
     "TrainConfig": TrainConfig,
     "NoiseConfig": NoiseConfig,
     "LoraConfig": LoraConfig,
+    "CertaintyConfig": CertaintyConfig,
 }

@@ -28,6 +28,11 @@ from d2f.config import DataConfig
 from d2f.family import Family
 from d2f.paths import is_local
 
+# per-record fields of a trajectory file (docs/formats.md) that the trainer reads when present
+TRAJECTORY_FIELDS = ("prompt_ids", "answer_ids", "decode_rank")
+# decode rank of a position the teacher never decoded (beyond its generation length): last of all
+NEVER_DECODED = 2**30
+
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -71,9 +76,12 @@ def load_records(cfg: DataConfig):
                 raise ValueError(
                     f"{key}: no field {name!r} (data.{field_key}); its fields: {ds.column_names}"
                 )
-        ds = ds.select_columns([cfg.question_field, cfg.answer_field])
         _check_no_nulls(ds, key, (cfg.question_field, cfg.answer_field))
         parts.append(ds)
+    # a teacher-trajectory file's extra fields (d2f.trajectories) are kept when every source has
+    # them: `answer_ids` replace the re-tokenized answer, `decode_rank` feeds the d3llm objective
+    extra = [c for c in TRAJECTORY_FIELDS if all(c in ds.column_names for ds in parts)]
+    parts = [ds.select_columns([cfg.question_field, cfg.answer_field, *extra]) for ds in parts]
     records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if cfg.max_records is not None:
         records = records.select(range(min(cfg.max_records, len(records))))
@@ -143,6 +151,9 @@ class Encoded:
     skipped: int  # records that did not fit in max_length
     max_length: int
     pad_token_id: int
+    # the teacher's decode rank of each generated column (answer column j = position
+    # prompt_len + j), per sequence; None when the records carry no `decode_rank`
+    ranks: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -170,16 +181,27 @@ def encode_records(records, cfg: DataConfig, tokenizer, family: Family) -> Encod
         prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         prompts = tokenizer(questions)["input_ids"]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    columns = set(records.column_names)
+    if (
+        "answer_ids" in columns
+    ):  # a trajectory file: the teacher's own tokens, not a re-tokenization
+        answer_ids = [list(a) for a in records["answer_ids"]]
+    else:
+        answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    if "prompt_ids" in columns:
+        _check_same_prompts(prompts, records["prompt_ids"])
+    ranks = [list(r) for r in records["decode_rank"]] if "decode_rank" in columns else None
     end = family.answer_end_token_id
-    out = Encoded([], [], 0, cfg.max_length, family.pad_token_id)
-    for prompt, answer in zip(prompts, answer_ids, strict=True):
+    out = Encoded([], [], 0, cfg.max_length, family.pad_token_id, [] if ranks else None)
+    for k, (prompt, answer) in enumerate(zip(prompts, answer_ids, strict=True)):
         seq = list(prompt) + list(answer) + [end]
         if len(seq) > cfg.max_length or not prompt:
             out.skipped += 1
             continue
         out.ids.append(seq)
         out.prompt_lens.append(len(prompt))
+        if ranks is not None:
+            out.ranks.append(ranks[k])
     if not out.ids:
         raise ValueError(
             f"data.max_length={cfg.max_length}: none of the {len(questions)} records fits "
@@ -188,31 +210,54 @@ def encode_records(records, cfg: DataConfig, tokenizer, family: Family) -> Encod
     return out
 
 
+def _check_same_prompts(prompts: list[list[int]], stored) -> None:
+    """The trajectory was decoded from the prompt this run trains on (else its ranks are offset)."""
+    for k, (prompt, saved) in enumerate(zip(prompts, stored, strict=True)):
+        if saved is not None and list(prompt) != list(saved):
+            raise ValueError(
+                f"data: record {k} (0-based): its prompt tokens differ from the `prompt_ids` the "
+                "trajectory was decoded from (data.chat_template or the tokenizer differ from "
+                "the trajectory run's); the decode ranks would not line up"
+            )
+
+
 @dataclass
 class TokenBatch:
     """A padded batch. input_ids (B, L) long; prompt_lens (B,) long; lengths (B,) long = real
-    tokens (prompt + answer + end); positions >= lengths are padding."""
+    tokens (prompt + answer + end); positions >= lengths are padding. decode_rank: (B, L) long,
+    the teacher's decode step of each answer position (-1 on the prompt, NEVER_DECODED where the
+    teacher generated nothing), or None without trajectories."""
 
     input_ids: Tensor
     prompt_lens: Tensor
     lengths: Tensor
+    decode_rank: Tensor | None = None
 
     def rows(self, start: int, stop: int) -> TokenBatch:
+        rank = None if self.decode_rank is None else self.decode_rank[start:stop]
         return TokenBatch(
-            self.input_ids[start:stop], self.prompt_lens[start:stop], self.lengths[start:stop]
+            self.input_ids[start:stop], self.prompt_lens[start:stop], self.lengths[start:stop], rank
         )
 
 
 def collate(data: Encoded, indices: list[int]) -> TokenBatch:
     """Right-pad the chosen sequences with the family's pad token to `max_length`."""
-    input_ids = torch.full((len(indices), data.max_length), data.pad_token_id, dtype=torch.long)
+    L = data.max_length
+    input_ids = torch.full((len(indices), L), data.pad_token_id, dtype=torch.long)
     lengths = torch.empty(len(indices), dtype=torch.long)
+    rank = None if data.ranks is None else torch.full((len(indices), L), NEVER_DECODED)
     for row, k in enumerate(indices):
         seq = data.ids[k]
         input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         lengths[row] = len(seq)
+        if rank is not None:
+            p = data.prompt_lens[k]
+            cols = data.ranks[k][: L - p]  # answer column j sits at position p + j
+            rank[row, :p] = -1
+            cols = torch.tensor(cols, dtype=torch.long)
+            rank[row, p : p + len(cols)] = torch.where(cols < 0, NEVER_DECODED, cols)
     prompt_lens = torch.tensor([data.prompt_lens[k] for k in indices], dtype=torch.long)
-    return TokenBatch(input_ids, prompt_lens, lengths)
+    return TokenBatch(input_ids, prompt_lens, lengths, rank)
 
 
 class EpochSampler:

@@ -1,4 +1,4 @@
-"""The three training objectives of d2f, behind one signature (paper Sec. 3).
+"""The training objectives of d2f, behind one signature (paper Sec. 3; peers in d2f.certainty).
 
 * `distill` (D2F asymmetric distillation, the default): the student is the base model + LoRA under the
   block-causal mask; the teacher is the SAME weights with the adapter disabled, under full
@@ -8,6 +8,8 @@
   against the clean tokens, normalised by the answer length (the ELBO; see mdm_loss's NOTE).
 * `ar` (the autoregressive baseline): causal attention, next-token cross-entropy on the answer and its
   end token: `mdm_loss` with shift=True, weight 1 and the answer as "masked" targets.
+* `dparallel`, `d3llm` (peer recipes, `d2f.certainty`): the base + LoRA on the teacher's own
+  answers, two complementary bidirectional views of one semi-AR block; their own batch builders.
 
 Every pass gets an explicit 4D additive float mask (`d2f.mask`) and explicit `position_ids`; no
 `labels=` ever reaches the model. `make_batch` turns token rows into the noisy (G, L) tensors of a
@@ -25,7 +27,8 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
-from d2f.config import NoiseConfig
+from d2f.certainty import certainty_step, d3llm_batch, dparallel_batch
+from d2f.config import CertaintyConfig, NoiseConfig
 from d2f.data import TokenBatch
 from d2f.family import Family
 from d2f.loss import distill_terms, mdm_loss
@@ -158,6 +161,23 @@ def ar_step(model, batch: Batch, family: Family, dtype: torch.dtype) -> tuple[Te
 
 
 @dataclass(frozen=True)
+class BatchContext:
+    """What an objective's own batch builder may read besides the tokens: training progress (for
+    curricula) and the micro-batch layout. Built by the trainer before each step."""
+
+    step: int  # optimiser steps done before this one
+    max_steps: int  # train.max_steps
+    epoch: float  # fractional epochs of data consumed before this step (step * G / records)
+    micro_batch_size: int  # rows per micro-batch (the global batch is cut in these, in order)
+    certainty: CertaintyConfig  # train.certainty (the dparallel / d3llm settings)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1)."""
+        return self.step / self.max_steps
+
+
+@dataclass(frozen=True)
 class Objective:
     """A training objective: its step function and what it needs from the trainer."""
 
@@ -166,6 +186,9 @@ class Objective:
     lora: bool  # trains a LoRA adapter on a frozen base (else every weight)
     needs_mask_token: bool  # a dLLM family (mask token, bidirectional); else a causal AR family
     legend: str  # what the logged numbers are
+    # (tokens, family, noise, generator, BatchContext) -> a batch with .rows/.to, .masked, .blocks;
+    # None: `make_batch`
+    make_batch: Callable | None = None
 
     def noise_config(self, noise: NoiseConfig) -> NoiseConfig:
         """`train.noise` with its schedule resolved: the configured one, else this objective's
@@ -198,6 +221,26 @@ OBJECTIVES: dict[str, Objective] = {
         lora=False,
         needs_mask_token=False,
         legend="loss = next-token cross-entropy on the answer and its end token",
+    ),
+    # dParallel / d3LLM (d2f.certainty): LoRA on the teacher, two complementary bidirectional views
+    "dparallel": Objective(
+        certainty_step,
+        None,
+        lora=True,
+        needs_mask_token=True,
+        legend="loss = ce_1 + ce_2 + lambda (ent_1 + ent_2): token-mean cross-entropy of the two "
+        "complementary views of one semi-AR block, + entropy (T 0.5) of correctly predicted masked "
+        "tokens; no 1/p weight (dParallel)",
+        make_batch=dparallel_batch,
+    ),
+    "d3llm": Objective(
+        certainty_step,
+        None,
+        lora=True,
+        needs_mask_token=True,
+        legend="loss = (ce_1 + ce_2 + lambda ent_1 [+ lambda ent_2 on Dream]) / 4: dparallel's "
+        "terms, the mask set from the teacher's decode order (d3LLM)",
+        make_batch=d3llm_batch,
     ),
 }
 

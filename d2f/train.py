@@ -1,7 +1,7 @@
 """`python -m d2f.train`: the D2F trainer (paper Sec. 3, asymmetric distillation).
 
-One loop for every objective (`train.objective`: distill | mdm | ar, see `d2f.objectives`), read top
-to bottom in `main`:
+One loop for every objective (`train.objective`: distill | mdm | ar | dparallel | d3llm, see
+`d2f.objectives`), read top to bottom in `main`:
 
     setup(cfg)            config -> launch checks -> tokenizer + family -> data -> resume checks
                           (all before any weight is read) -> model (+ LoRA) -> AdamW + lr schedule
@@ -56,7 +56,7 @@ from d2f.data import Encoded, EpochSampler, TokenBatch, collate, encode_records,
 from d2f.family import Family, detect_spec
 from d2f.metrics import MetricsLog
 from d2f.models import build_model, load_adapter, load_model, load_tokenizer, read_config
-from d2f.objectives import OBJECTIVES, Batch, Objective, autocast, make_batch
+from d2f.objectives import OBJECTIVES, Batch, BatchContext, Objective, autocast, make_batch
 
 # skip mode gives up after this many non-finite global batches in a row: the model itself is broken
 MAX_SKIPS_IN_A_ROW = 10
@@ -239,7 +239,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     taken: bool
-    batch: Batch = field(repr=False)
+    batch: Batch = field(repr=False)  # or an objective's own batch type (masked, blocks)
     real_tokens: int = 0  # prompt + answer + end tokens of the global batch (no padding)
 
 
@@ -341,6 +341,23 @@ def next_tokens(run: Run) -> TokenBatch:
     return collate(run.data, run.state.sampler.take(run.global_batch))
 
 
+def build_batch(run: Run, tokens: TokenBatch):
+    """The objective's noisy batch of a global batch: `make_batch`, or the objective's own builder
+    (given the training progress before this step: d3llm's curricula)."""
+    gen = run.state.noise_generator
+    if run.objective.make_batch is None:
+        return make_batch(tokens, run.family, run.noise, gen)
+    tc = run.cfg.train
+    ctx = BatchContext(
+        step=run.state.step,
+        max_steps=tc.max_steps,
+        epoch=run.state.step * run.global_batch / len(run.data),
+        micro_batch_size=tc.micro_batch_size,
+        certainty=tc.certainty,
+    )
+    return run.objective.make_batch(tokens, run.family, run.noise, gen, ctx)
+
+
 def train_step(run: Run, tokens: TokenBatch) -> StepResult:
     """One optimiser step on a global batch: noise, this process's micro-batches, backward, the
     non-finite check, clipping, the optimiser and lr steps.
@@ -349,7 +366,7 @@ def train_step(run: Run, tokens: TokenBatch) -> StepResult:
     before the optimiser step, or skips the batch (skip: no update, the step is not counted).
     """
     tc, acc = run.cfg.train, run.accelerator
-    batch = make_batch(tokens, run.family, run.noise, run.state.noise_generator)  # (G, L), CPU
+    batch = build_batch(run, tokens)  # (G, L), CPU
     micro, world, rank = tc.micro_batch_size, acc.num_processes, acc.process_index
     terms: dict[str, torch.Tensor] = {}
     for a in range(tc.grad_accum):

@@ -56,3 +56,51 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
+
+
+def kill_and_resume(objective: str, config, tmp_path: Path, monkeypatch) -> None:
+    """Assert that a run of `objective` killed inside step 7 (checkpoints at 3 and 6) and resumed
+    with resume=auto logs the same numbers at every step and ends with the same adapter as one
+    uninterrupted run. `config(output_dir, *overrides)` builds the RunConfig. LoRA dropout is on,
+    so the RNG states are restored too; a half-written checkpoint directory is ignored."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from d2f.checkpoint import list_checkpoints
+    from d2f.objectives import OBJECTIVES
+    from d2f.train import main
+
+    opts = ("train.max_steps=9", "train.save_every=3", "train.lora.dropout=0.1")
+    main(config(tmp_path / "straight", *opts))
+    calls = {"n": 0}
+    original = OBJECTIVES[objective]
+
+    def dies_in_step_7(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return original.step(*args)
+
+    monkeypatch.setitem(OBJECTIVES, objective, dataclasses.replace(original, step=dies_in_step_7))
+    run = tmp_path / "resumed"
+    try:
+        main(config(run, *opts))
+        raise AssertionError("the run was not killed")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setitem(OBJECTIVES, objective, original)
+    (run / ".checkpoint-000009.tmp" / "state").mkdir(parents=True)  # a save cut short
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000003", "checkpoint-000006"]
+    main(config(run, *opts))
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 10))
+    timing = {"ms_per_step", "tokens_per_s"}
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }, (a, b)
+    name = "checkpoint-000009/adapter/adapter_model.safetensors"
+    want, got = load_file(tmp_path / "straight" / name), load_file(run / name)
+    assert want.keys() == got.keys()
+    assert all(bool((want[k] == got[k]).all()) for k in want)
