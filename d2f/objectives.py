@@ -8,6 +8,8 @@
   against the clean tokens, normalised by the answer length (the ELBO; see mdm_loss's NOTE).
 * `ar` (the autoregressive baseline): causal attention, next-token cross-entropy on the answer and its
   end token: `mdm_loss` with shift=True, weight 1 and the answer as "masked" targets.
+* `fast_dllm_v2` (Fast-dLLM v2's AR -> block-diffusion adaptation, `d2f.recipes.fast_dllm_v2`): an
+  AR checkpoint fully fine-tuned on the doubled input [x_t || x_0] with two complementary views.
 
 Every pass gets an explicit 4D additive float mask (`d2f.mask`) and explicit `position_ids`; no
 `labels=` ever reaches the model. `make_batch` turns token rows into the noisy (G, L) tensors of a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -30,6 +33,7 @@ from d2f.data import TokenBatch
 from d2f.family import Family
 from d2f.loss import distill_terms, mdm_loss
 from d2f.mask import block_causal_mask, block_ids, causal_mask, full_mask, position_ids, to_additive
+from d2f.recipes.fast_dllm_v2 import adapt_checkpoint, fast_dllm_v2_step
 from d2f.schedule import add_noise
 
 
@@ -166,6 +170,9 @@ class Objective:
     lora: bool  # trains a LoRA adapter on a frozen base (else every weight)
     needs_mask_token: bool  # a dLLM family (mask token, bidirectional); else a causal AR family
     legend: str  # what the logged numbers are
+    # (config.json dict, tokenizer, resolved noise) -> the pair of the family this objective
+    # trains, e.g. AR -> fast_dllm_v2 (d2f.recipes); None: the checkpoint's family as it is
+    adapt: Callable[..., tuple[dict, Any]] | None = None
 
     def noise_config(self, noise: NoiseConfig) -> NoiseConfig:
         """`train.noise` with its schedule resolved: the configured one, else this objective's
@@ -198,6 +205,15 @@ OBJECTIVES: dict[str, Objective] = {
         lora=False,
         needs_mask_token=False,
         legend="loss = next-token cross-entropy on the answer and its end token",
+    ),
+    "fast_dllm_v2": Objective(
+        fast_dllm_v2_step,
+        "random",
+        lora=False,
+        needs_mask_token=True,
+        legend="loss = Fast-dLLM v2: shifted cross-entropy of the noisy half of [x_t || x_0] over "
+        "two complementary views, per answer token; view_masked + view_complement = loss",
+        adapt=adapt_checkpoint,
     ),
 }
 
