@@ -317,3 +317,32 @@ def test_kill_and_resume_gives_the_uninterrupted_run(tiny_dir, tmp_path, monkeyp
     w = [load_file(d / "checkpoint-000006" / "model" / "model.safetensors")
          for d in (tmp_path / "straight", run)]  # fmt: skip
     assert w[0].keys() == w[1].keys() and all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+
+
+def test_presets(tmp_path):
+    from d2f.config import load_config
+
+    big = load_config("fast_dllm_v2")
+    assert big.model.path == "Qwen/Qwen2.5-7B-Instruct" and big.data.max_length == 512
+    t = big.train
+    assert (t.objective, t.lr, t.lr_schedule, t.micro_batch_size, t.grad_accum) == (
+        "fast_dllm_v2",
+        2e-5,
+        "constant",
+        1,
+        1,
+    )
+    assert t.warmup_steps == round(0.03 * t.max_steps) and t.mixed_precision == "bf16"
+    n = t.noise
+    assert (n.schedule, n.block_size, n.lo, n.hi, n.mask_padding) == (
+        "random",
+        32,
+        1e-3,
+        1.0,
+        False,
+    )
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    tiny = load_config("tinyworld_fdv2", [f"data.sources=[{data}]"])
+    assert tiny.model.path == "d2f/tinyworld/assets/chain/ar"
+    assert (tiny.train.objective, tiny.train.noise.block_size) == ("fast_dllm_v2", 8)
