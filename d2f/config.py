@@ -227,7 +227,9 @@ class CertaintyConfig:
 class TrainConfig:
     """Objective, optimiser, batch, checkpoints and logs of one run."""
 
-    objective: str = "distill"  # distill (D2F student) | mdm | ar | dparallel | d3llm
+    objective: str = (
+        "distill"  # distill (D2F student) | mdm | ar | dparallel | d3llm | fast_dllm_v2
+    )
     max_steps: int = 50_000  # optimiser steps in total (a resumed run stops here too)
     micro_batch_size: int = 1  # sequences per process per forward
     grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro * accum * procs

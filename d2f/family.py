@@ -6,6 +6,9 @@ stock transformers architecture run without a causal mask:
 * LLaDA (`model_type "llada"`) -> `LlamaForCausalLM`, weights renamed `model.transformer.*` <-> `model.*`.
 * Dream (`model_type "Dream"`) -> `Qwen2ForCausalLM`, weight names already identical.
 
+Beside them: `ar` (a plain causal Llama / Qwen2, the AR baseline) and `fast_dllm_v2` (an AR model
+adapted to block diffusion: the AR format plus `bd_size` and a mask id; block-causal, shifted).
+
 `FamilySpec` knows the format (config conversion, weight renames); `Family` holds the facts a loaded
 model needs at run time (mask id, end ids, shifted logits, LoRA targets, chat template use). No other
 module asks "is this LLaDA?": it asks `family_of(model)`. A new family is one new `FamilySpec`.
@@ -13,6 +16,7 @@ module asks "is this LLaDA?": it asks `family_of(model)`. A new family is one ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -45,6 +49,9 @@ class Family:
     lora_target_modules: tuple[str, ...]  # attention projections, transformers module names
     use_chat_template: bool  # whether prompts go through the chat template by default
     causal: bool = False  # True only for autoregressive baselines (attention stays causal)
+    # the block size it was trained with, for families whose attention is block-causal by training
+    # (Fast-dLLM v2's bd_size); None: not fixed by the checkpoint
+    block_size: int | None = None
     original_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def align_logits(self, logits: Tensor, carry: Tensor | None = None) -> Tensor:
@@ -77,6 +84,10 @@ class FamilySpec:
     use_chat_template: bool = False
     # tokenizer class used when `tokenizer_config.json` names a remote-code class
     tokenizer_fallback: str = "PreTrainedTokenizerFast"
+
+    def matches(self, raw: dict[str, Any]) -> bool:
+        """Whether a raw `config.json` dict is in this format (by default: its model_type)."""
+        return raw.get("model_type") in self.model_types
 
     def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
         raise NotImplementedError
@@ -339,6 +350,9 @@ class AutoregressiveSpec(FamilySpec):
         config_class = self._archs[raw["model_type"]][0]
         return config_class.from_dict({k: v for k, v in raw.items() if k != "model_type"})
 
+    def matches(self, raw: dict[str, Any]) -> bool:
+        return raw.get("model_type") in self.model_types and "bd_size" not in raw
+
     def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
         return self._archs[raw["model_type"]][1]
 
@@ -362,8 +376,55 @@ class AutoregressiveSpec(FamilySpec):
         )
 
 
+class FastDLLMv2Spec(AutoregressiveSpec):
+    """An AR model adapted to block diffusion by Fast-dLLM v2 (Wu et al., arXiv 2509.26328).
+
+    Format: the AR checkpoint's own (model_type llama / qwen2, transformers' weight names) with two
+    fields more, `bd_size` (the trained block size) and `mask_token_id`, so transformers'
+    `AutoModelForCausalLM.from_pretrained` loads it with no remote code; also read: the released
+    hub format (model_type `Fast_dLLM_Qwen`: Qwen2 fields and weight names, `bd_size`; the mask id
+    then comes from the tokenizer's `|<MASK>|`). Facts: a mask id, shifted logits (the AR prior),
+    block-causal attention (`causal=False`: a dLLM to the decoders), `block_size` = bd_size.
+    """
+
+    name = "fast_dllm_v2"
+    model_types = ("Fast_dLLM_Qwen", "llama", "qwen2")
+    required_fields = ("bd_size", "vocab_size")
+    tokenizer_fallback = "PreTrainedTokenizerFast"
+    _released = "Fast_dLLM_Qwen"
+    _dropped = ("model_type", "architectures", "auto_map", "transformers_version")
+
+    def matches(self, raw: dict[str, Any]) -> bool:
+        model_type = raw.get("model_type")
+        return model_type == self._released or (model_type in self._archs and "bd_size" in raw)
+
+    def _arch(self, raw: dict[str, Any]) -> str:
+        return "qwen2" if raw.get("model_type") == self._released else raw["model_type"]
+
+    def hf_config(self, raw: dict[str, Any]) -> PretrainedConfig:
+        config_class = self._archs[self._arch(raw)][0]
+        return config_class.from_dict({k: v for k, v in raw.items() if k not in self._dropped})
+
+    def architecture(self, raw: dict[str, Any]) -> type[PreTrainedModel]:
+        return self._archs[self._arch(raw)][1]
+
+    def facts(self, raw: dict[str, Any], tokenizer=None) -> Family:
+        mask = raw.get("mask_token_id")
+        if mask is None:
+            mask = _token_id(tokenizer, "|<MASK>|")
+        if mask is None:
+            raise ValueError(
+                "a fast_dllm_v2 checkpoint needs mask_token_id in config.json or a |<MASK>| "
+                "token in its tokenizer"
+            )
+        ar = super().facts(raw, tokenizer)
+        return dataclasses.replace(
+            ar, name=self.name, mask_token_id=mask, causal=False, block_size=raw["bd_size"]
+        )
+
+
 SPECS: dict[str, FamilySpec] = {
-    spec.name: spec for spec in (LLaDASpec(), DreamSpec(), AutoregressiveSpec())
+    spec.name: spec for spec in (LLaDASpec(), DreamSpec(), FastDLLMv2Spec(), AutoregressiveSpec())
 }
 
 
@@ -372,10 +433,11 @@ def detect_spec(raw: dict[str, Any], where: str = "config.json") -> FamilySpec:
     checked: a missing one is a ValueError naming `where` and the field)."""
     model_type = raw.get("model_type")
     for spec in SPECS.values():
-        if model_type in spec.model_types:
+        if spec.matches(raw):
             spec.check_config(raw, where)
             return spec
-    supported = ", ".join(repr(t) for spec in SPECS.values() for t in spec.model_types)
+    types = dict.fromkeys(t for spec in SPECS.values() for t in spec.model_types)
+    supported = ", ".join(repr(t) for t in types)
     raise ValueError(f"{where}: unknown model_type {model_type!r}; supported: {supported}")
 
 

@@ -14,8 +14,10 @@ output is discarded, the diagonal only keeps softmax finite). Rows of a batch ma
 different lengths and any mix of left and right padding.
 
 The student in training and the decoder use the same rule; the teacher and the reference decoder's
-bidirectional passes use `full_mask` (b(j) >= 0 only). Forms: boolean (True = may attend), additive
-float (0 / dtype min, right for eager and sdpa alike) and flex-attention `BlockMask`.
+bidirectional passes use `full_mask` (b(j) >= 0 only); Fast-dLLM v2's training reads a doubled
+input `[x_t || x_0]` under `bd3_mask`, built from the same block ids. Forms: boolean (True = may
+attend), additive float (0 / dtype min, right for eager and sdpa alike) and flex-attention
+`BlockMask`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,34 @@ def full_mask(ids: Tensor, q_start: int = 0, q_end: int | None = None) -> Tensor
         K, device=ids.device
     )
     return (q_real & k_real) | diag[None]
+
+
+def bd3_mask(ids: Tensor) -> Tensor:
+    """Boolean mask of the doubled input `[x_t || x_0]` (Fast-dLLM v2 / BD3-LM training).
+
+    ids: (B, L) long block ids of one row (as `block_ids`; -1 = padding). Returns (B, 2L, 2L)
+    bool, True = may attend; columns and rows 0..L-1 are the noisy half x_t, L..2L-1 the clean
+    half x_0, and position i of either half is token i of the row. With b(i) = ids[:, i]:
+
+        x_t query i, x_t key j :  b(j) == b(i)     (bidirectional inside the noisy block)
+        x_t query i, x_0 key j :  b(j) <  b(i)     (the clean earlier blocks)
+        x_0 query i, x_0 key j :  b(j) <= b(i)     (the clean stream, block-causal)
+        x_0 query i, x_t key j :  never
+
+    with b(i) >= 0 and b(j) >= 0 in every case; a padding query attends only its own key (its
+    output is discarded; the diagonal keeps softmax finite), as in `block_causal_mask`.
+    """
+    L = ids.shape[1]
+    q = ids[:, :, None]  # (B, L, 1)
+    k = ids[:, None, :]  # (B, 1, L)
+    real = (q >= 0) & (k >= 0)  # (B, L, L)
+    diag = torch.eye(L, dtype=torch.bool, device=ids.device)[None]  # (1, L, L)
+    tt = (real & (k == q)) | diag
+    t0 = real & (k < q)
+    oo = (real & (k <= q)) | diag
+    top = torch.cat([tt, t0], -1)  # (B, L, 2L) x_t queries
+    bottom = torch.cat([torch.zeros_like(oo), oo], -1)  # (B, L, 2L) x_0 queries
+    return torch.cat([top, bottom], 1)
 
 
 def causal_mask(valid: Tensor, q_start: int = 0, q_end: int | None = None) -> Tensor:

@@ -177,6 +177,27 @@ def build_model(
     return _attach(model, spec.facts(raw_config, tokenizer), spec)
 
 
+def adopt_config(model: PreTrainedModel, raw_config: dict[str, Any], tokenizer=None):
+    """Give a loaded model the family of another config of the same architecture (AR -> a
+    `fast_dllm_v2` model): its config gains the new fields, its embeddings grow to the new
+    `vocab_size` (transformers' resize: new rows at the mean of the old ones), its family and the
+    config written at save become `raw_config`'s."""
+    spec = detect_spec(raw_config)
+    if not isinstance(model, spec.architecture(raw_config)):
+        raise ValueError(
+            f"a {type(model).__name__} cannot become a {spec.name} model "
+            f"({spec.architecture(raw_config).__name__})"
+        )
+    vocab = int(raw_config["vocab_size"])
+    if model.get_input_embeddings().weight.shape[0] < vocab:
+        model.resize_token_embeddings(vocab, mean_resizing=True)
+    before = family_of(model).original_config
+    for key, value in raw_config.items():  # the fields the new config adds or changes
+        if before.get(key) != value:
+            setattr(model.config, key, value)
+    return _attach(model, spec.facts(raw_config, tokenizer), spec)
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,

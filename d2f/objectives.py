@@ -10,6 +10,8 @@
   end token: `mdm_loss` with shift=True, weight 1 and the answer as "masked" targets.
 * `dparallel`, `d3llm` (peer recipes, `d2f.certainty`): the base + LoRA on the teacher's own
   answers, two complementary bidirectional views of one semi-AR block; their own batch builders.
+* `fast_dllm_v2` (Fast-dLLM v2's AR -> block-diffusion adaptation, `d2f.recipes.fast_dllm_v2`): an
+  AR checkpoint fully fine-tuned on the doubled input [x_t || x_0] with two complementary views.
 
 Every pass gets an explicit 4D additive float mask (`d2f.mask`) and explicit `position_ids`; no
 `labels=` ever reaches the model. `make_batch` turns token rows into the noisy (G, L) tensors of a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -33,6 +36,7 @@ from d2f.data import TokenBatch
 from d2f.family import Family
 from d2f.loss import distill_terms, mdm_loss
 from d2f.mask import block_causal_mask, block_ids, causal_mask, full_mask, position_ids, to_additive
+from d2f.recipes.fast_dllm_v2 import adapt_checkpoint, fast_dllm_v2_step
 from d2f.schedule import add_noise
 
 
@@ -189,6 +193,9 @@ class Objective:
     # (tokens, family, noise, generator, BatchContext) -> a batch with .rows/.to, .masked, .blocks;
     # None: `make_batch`
     make_batch: Callable | None = None
+    # (config.json dict, tokenizer, resolved noise) -> the pair of the family this objective
+    # trains, e.g. AR -> fast_dllm_v2 (d2f.recipes); None: the checkpoint's family as it is
+    adapt: Callable[..., tuple[dict, Any]] | None = None
 
     def noise_config(self, noise: NoiseConfig) -> NoiseConfig:
         """`train.noise` with its schedule resolved: the configured one, else this objective's
@@ -241,6 +248,15 @@ OBJECTIVES: dict[str, Objective] = {
         legend="loss = (ce_1 + ce_2 + lambda ent_1 [+ lambda ent_2 on Dream]) / 4: dparallel's "
         "terms, the mask set from the teacher's decode order (d3LLM)",
         make_batch=d3llm_batch,
+    ),
+    "fast_dllm_v2": Objective(
+        fast_dllm_v2_step,
+        "random",
+        lora=False,
+        needs_mask_token=True,
+        legend="loss = Fast-dLLM v2: shifted cross-entropy of the noisy half of [x_t || x_0] over "
+        "two complementary views, per answer token; view_masked + view_complement = loss",
+        adapt=adapt_checkpoint,
     ),
 }
 

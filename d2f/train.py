@@ -1,7 +1,7 @@
 """`python -m d2f.train`: the D2F trainer (paper Sec. 3, asymmetric distillation).
 
-One loop for every objective (`train.objective`: distill | mdm | ar | dparallel | d3llm, see
-`d2f.objectives`), read top to bottom in `main`:
+One loop for every objective (`train.objective`: distill | mdm | ar | dparallel | d3llm |
+fast_dllm_v2, see `d2f.objectives`), read top to bottom in `main`:
 
     setup(cfg)            config -> launch checks -> tokenizer + family -> data -> resume checks
                           (all before any weight is read) -> model (+ LoRA) -> AdamW + lr schedule
@@ -55,7 +55,14 @@ from d2f.config import (
 from d2f.data import Encoded, EpochSampler, TokenBatch, collate, encode_records, load_records
 from d2f.family import Family, detect_spec
 from d2f.metrics import MetricsLog
-from d2f.models import build_model, load_adapter, load_model, load_tokenizer, read_config
+from d2f.models import (
+    adopt_config,
+    build_model,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    read_config,
+)
 from d2f.objectives import OBJECTIVES, Batch, BatchContext, Objective, autocast, make_batch
 
 # skip mode gives up after this many non-finite global batches in a row: the model itself is broken
@@ -83,6 +90,9 @@ def read_checkpoint(cfg: RunConfig, objective: Objective):
     if cfg.model.family is not None and cfg.model.family != spec.name:
         raise ValueError(f"model.family={cfg.model.family!r} but {cfg.model.path} is {spec.name!r}")
     tokenizer = load_tokenizer(cfg.model.path, spec)
+    if objective.adapt is not None:  # e.g. an AR checkpoint -> the fast_dllm_v2 family
+        raw, tokenizer = objective.adapt(raw, tokenizer, objective.noise_config(cfg.train.noise))
+        spec = detect_spec(raw, where=f"model.path={cfg.model.path}: adapted config.json")
     family = spec.facts(raw, tokenizer)
     dllm = family.mask_token_id is not None
     if objective.needs_mask_token != dllm:
@@ -109,6 +119,8 @@ def build_trainable(cfg: RunConfig, objective: Objective, raw, tokenizer, resume
         model.set_attn_implementation(mc.attn_implementation)
     else:
         model, _ = load_model(mc.path, dtype=dtype, attn_implementation=mc.attn_implementation)
+        if objective.adapt is not None:
+            model = adopt_config(model, raw, tokenizer)
     if mc.gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}

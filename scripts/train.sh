@@ -4,7 +4,7 @@
 #   bash scripts/train.sh [FLAGS] [PRESET] [key=value ...]     (flags may also come after overrides)
 #
 #   PRESET        llada | dream | tiny | dparallel_llada | dparallel_dream | d3llm_llada |
-#                 d3llm_dream (d2f/configs/PRESET.yaml; default llada)
+#                 d3llm_dream | fast_dllm_v2 | tinyworld_fdv2 (d2f/configs/PRESET.yaml; default llada)
 #   key=value     Hydra overrides, e.g. model.path=... train.max_steps=100 (docs/training.md)
 #   --launcher L  auto (default: ddp with more than one GPU, else one process) | none | ddp | zero2 |
 #                 fsdp (d2f/configs/accelerate/L.yaml) | cpu (gloo processes on the CPU)

@@ -45,6 +45,9 @@ DECODERS: dict[str, Callable] = {
 }
 # strategies for autoregressive (causal) models; every other strategy needs a dLLM
 CAUSAL_STRATEGIES = frozenset({"ar", "jacobi"})
+# the strategies that decode under the block-causal rule (d2f.mask): the only ones a family trained
+# block-causal (Family.block_size set, e.g. fast_dllm_v2) can run
+BLOCK_CAUSAL_STRATEGIES = frozenset({"d2f", "cache_only", "fast_dllm_v2", "reference"})
 
 
 def encode_prompts(
@@ -160,6 +163,19 @@ def _check_model(family: Family, cfg: DecodeConfig, vocab: int, prompts: list[li
             )
         if family.mask_token_id is None:
             raise ValueError("the model has no mask token id (mask_token_id in config.json)")
+        if family.block_size is not None:
+            if cfg.strategy not in BLOCK_CAUSAL_STRATEGIES:
+                raise ValueError(
+                    f"strategy {cfg.strategy!r} attends bidirectionally; a {family.name} model "
+                    f"was trained block-causal: use one of {sorted(BLOCK_CAUSAL_STRATEGIES)}"
+                )
+            if cfg.block_size != family.block_size:
+                warnings.warn(
+                    f"block_size={cfg.block_size} but the {family.name} model was trained with "
+                    f"blocks of {family.block_size} (bd_size in config.json)",
+                    UserWarning,
+                    stacklevel=3,
+                )
     for i, p in enumerate(prompts):
         bad = next(((j, t) for j, t in enumerate(p) if not 0 <= t < vocab), None)
         if bad is not None:
