@@ -337,3 +337,42 @@ def test_speed_up_is_n_a_when_vanilla_generated_nothing():
     assert results.ratio(6.0, 3.0) == 2.0
     assert results.ratio(6.0, 0.0) is None
     assert results.times(None) == "n/a" and results.times(2.0) == "2.00x"
+
+
+def test_recipes_need_the_worlds_presets(capsys):
+    """--recipes on a world without the recipes' presets stops before any work, naming them."""
+    with pytest.raises(SystemExit):
+        quickstart.main(["--world", "add2", "--recipes", "--out", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert "--recipes" in err and "tinyworld_dparallel" in err
+
+
+@pytest.mark.slow
+def test_quickstart_recipes_stage_shrunk(tmp_path):
+    """--recipes, with seconds of training: the teacher's trajectories are written, dParallel and
+    d3LLM train LoRA adapters on them from the teacher, Fast-dLLM v2 fully fine-tunes the AR model
+    into a block-diffusion model, and each gets its table row (scored and timed)."""
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "d2f.tinyworld.quickstart", "--out", str(out), "--recipes"]
+    cmd += ["--recipe_steps", "4", "--trajectories", "12", "--student_steps", "4", "--n", "8"]
+    cmd += ["--big_batch", "4", "--time_n", "1", "--repeats", "1", "--no_sweep"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (traj,) = out.glob("cache/trajectories-*/trajectories.jsonl")
+    lines = [json.loads(line) for line in traj.read_text().splitlines()]
+    assert len(lines) == 12 and all(len(r["decode_rank"]) == len(r["answer_ids"]) for r in lines)
+    for kind in ("dparallel", "d3llm"):
+        (run_dir,) = out.glob(f"cache/{kind}-*")
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    (fdv2,) = out.glob("cache/fdv2-*")
+    config = json.loads((fdv2 / "model" / "config.json").read_text())
+    assert config["bd_size"] == 8 and "mask_token_id" in config  # a block-diffusion AR model
+    with (out / "results" / "table.csv").open() as f:
+        table = {r["method"]: r for r in csv.DictReader(f)}
+    for row in quickstart.recipe_rows(quickstart.SIZES["chain"]):
+        assert table[row.name]["model"] == row.model
+        assert float(table[row.name]["tpf"]) > 0 and float(table[row.name]["tps_b1"]) > 0

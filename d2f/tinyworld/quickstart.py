@@ -11,7 +11,9 @@ decode with two blocks in flight. It writes `OUT/results/`: table.md / table.csv
 sweep.png, decode_student.png / .html. Every stage is cached by the content of everything that
 changes its result (inputs, the package's code, the configs, package versions, thread count, CPU):
 a second run reuses them. `--fresh` also rebuilds the teacher and the AR baseline
-(`d2f.tinyworld.pretrain`, into OUT).
+(`d2f.tinyworld.pretrain`, into OUT). `--recipes` (opt-in) also trains the peer training recipes
+(the teacher's trajectories, then dParallel and d3LLM on them from the teacher, and Fast-dLLM v2
+from the AR model) and adds their rows, each decoded as its authors decode.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def d2f_decode(z: Sizes, **taus) -> dict:
     return {"block_size": z.student_block, "max_new_tokens": z.max_new_tokens, **taus}
 
 
-def rows(world: str) -> tuple[Row, ...]:
-    """The leaderboard's rows for `world`, each with the decoder its authors use. Later methods
-    add a Row here; nothing else changes."""
+def rows(world: str, recipes: bool = False) -> tuple[Row, ...]:
+    """The leaderboard's rows for `world`, each with the decoder its authors use (with `recipes`,
+    also the peer training recipes' rows). Later methods add a Row here; nothing else changes."""
     z = SIZES[world]
     teacher = {"block_size": z.block, "max_new_tokens": z.max_new_tokens}
     # Fast-dLLM v1 with the authors' threshold rule (0.9), on vanilla's blocks
@@ -104,6 +106,35 @@ def rows(world: str) -> tuple[Row, ...]:
         Row(
             "Fast-dLLM v2",
             "student",
+            {
+                "strategy": "fast_dllm_v2",
+                "block_size": z.student_block,
+                "max_new_tokens": z.max_new_tokens,
+                "options": {"sub_block_size": z.student_block // 2, "threshold": 0.9},
+            },
+        ),
+    ) + (recipe_rows(z) if recipes else ())
+
+
+RECIPES = ("dparallel", "d3llm", "fdv2")  # --recipes: the peer training recipes (d2f/configs/train)
+
+
+def recipe_rows(z: Sizes) -> tuple[Row, ...]:
+    """The peer recipes' rows, each decoded as its authors decode (docs/tinyworld.md)."""
+    teacher = {"block_size": z.block, "max_new_tokens": z.max_new_tokens}
+    return (
+        # dParallel's eval (LLaDA/eval.sh): one block at a time (tau_add 1: a block is added when
+        # the last one is complete), commit every masked position of it with entropy under 0.5,
+        # at least the lowest-entropy one: d3LLM's `llada` commit rule, no cache
+        Row(
+            "dParallel (entropy threshold)",
+            "dparallel",
+            {"strategy": "d3llm", **teacher, "tau_add": 1.0, "options": {"threshold": 0.5}},
+        ),
+        Row("d3LLM (trajectory student, multi-block)", "d3llm", {"strategy": "d3llm", **teacher}),
+        Row(
+            "Fast-dLLM v2 (adapted AR)",
+            "fdv2",
             {
                 "strategy": "fast_dllm_v2",
                 "block_size": z.student_block,
@@ -158,21 +189,22 @@ def cached(root: Path, stage: str, key: str, build) -> Path:
 
 def distil(
     tmp: Path,
-    teacher: Path,
+    base: Path,
     data: Path,
     world: str,
     spec: WorldSpec,
     threads: int,
     steps: int | None,
-    schedule: str,
+    kind: str = "student",
+    extra: tuple[str, ...] = (),
     quiet: bool = False,
 ) -> None:
-    """Distil one student into `tmp/adapter` with the real trainer. `quiet`: the trainer's output
-    goes to `tmp/train.log` (two students training at once), shown in full if it fails."""
-    overrides = train_overrides(
-        spec, preset(world, "student"), teacher, data, tmp / "run", threads, steps
-    )
-    overrides.append(f"train.noise.schedule={schedule}")
+    """Train one model with the real trainer and the world's `kind` preset (`student`, or a peer
+    recipe: `dparallel`, `d3llm`, `fdv2`) from `base`, into `tmp/adapter` (LoRA) or `tmp/model`
+    (full fine-tuning). `quiet`: the trainer's output goes to `tmp/train.log` (several models
+    training at once), shown if it fails."""
+    overrides = train_overrides(spec, preset(world, kind), base, data, tmp / "run", threads, steps)
+    overrides += list(extra)
     cmd = [sys.executable, "-m", "d2f.train", "--config-name", "tiny", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     if quiet:
@@ -184,7 +216,8 @@ def distil(
     else:
         subprocess.run(cmd, check=True)
     (last,) = sorted((tmp / "run").glob("checkpoint-*"))[-1:]
-    shutil.copytree(last / "adapter", tmp / "adapter")
+    weights = "adapter" if (last / "adapter").is_dir() else "model"
+    shutil.copytree(last / weights, tmp / weights)
     shutil.copy(tmp / "run" / "metrics.jsonl", tmp / "metrics.jsonl")
     shutil.rmtree(tmp / "run")
 
@@ -198,17 +231,19 @@ def _last_step(metrics: Path) -> int:
 
 
 def build_in_parallel(jobs: dict[str, Callable[[], Path]], workers: int, root: Path, total: int):
-    """Run `jobs` (name -> a `cached(...)` call) on `workers` threads (each job is a training
-    subprocess, so threads suffice), with one progress bar over every job's logged steps."""
+    """Run `jobs` (stage name -> a `cached(root, name, ...)` call) on `workers` threads (each job is
+    a training subprocess, so threads suffice), with one progress bar over the jobs' logged steps
+    (`total`: their steps together)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
-        with tqdm(total=total * len(jobs), desc=f"distil {len(jobs)} students", unit="step") as bar:
+        with tqdm(total=total, desc=f"train {', '.join(jobs)}", unit="step") as bar:
             while not all(f.done() for f in futures.values()):
-                steps = sum(_last_step(m) for m in root.glob(".student*.tmp/run/metrics.jsonl"))
+                logs = [m for name in jobs for m in root.glob(f".{name}-*.tmp/run/metrics.jsonl")]
+                steps = sum(_last_step(m) for m in logs)
                 if min(steps, bar.total) > bar.n:  # redraw on progress only (quiet in a log file)
                     bar.n = min(steps, bar.total)
                     bar.refresh()
@@ -266,11 +301,30 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="distil the two students one after the other (default: at once, given 2x --threads cores)",
     )
+    p.add_argument(
+        "--recipes",
+        action="store_true",
+        help=f"also train and score the peer training recipes ({', '.join(RECIPES)}; opt-in: "
+        "about 10 more minutes, docs/tinyworld.md)",
+    )
+    p.add_argument(
+        "--recipe_steps", type=int, default=None, help="default: each recipe's world preset"
+    )
+    p.add_argument(
+        "--trajectories", type=int, default=800, help="training problems the teacher decodes"
+    )
     p.add_argument("--pretrain_args", default="", help="extra args for --fresh's pretrain (tests)")
     args = p.parse_args(argv)
-    for name in ("n", "big_batch", "time_n", "repeats", "threads"):
+    for name in ("n", "big_batch", "time_n", "repeats", "threads", "trajectories"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.recipes:
+        missing = [k for k in RECIPES if not _preset_file(args.world, k).exists()]
+        if missing:
+            p.error(
+                f"--recipes: world {args.world!r} has no preset for {missing} "
+                f"({_preset_file(args.world, missing[0])}); the chain world has them"
+            )
     import torch
 
     torch.set_num_threads(args.threads)
@@ -330,28 +384,32 @@ def main(argv: list[str] | None = None) -> None:
             digest(models["teacher"], data, config_dir(), args.student_steps, schedule, env, D2F),
             partial(
                 distil,
-                teacher=models["teacher"],
+                base=models["teacher"],
                 data=data,
                 world=world,
                 spec=spec,
                 threads=args.threads,
                 steps=args.student_steps,
-                schedule=schedule,
+                extra=(f"train.noise.schedule={schedule}",),
                 quiet=parallel,
             ),
         )
     if parallel:
-        from omegaconf import OmegaConf
-
-        student_preset = Path(config_dir()) / "train" / f"{preset(world, 'student')}.yaml"
-        steps = args.student_steps or OmegaConf.load(student_preset).max_steps
+        steps = 2 * (args.student_steps or _preset_steps(world, "student"))
         runs = build_in_parallel(jobs, 2, cache, steps)
     else:
         runs = {name: job() for name, job in jobs.items()}
     adapters = {name: run / "adapter" for name, run in runs.items()}
+    bases = {name: (models["teacher"], adapter) for name, adapter in adapters.items()}
+
+    # 3b. (--recipes) the peer training recipes, each from the same shipped model as its authors'
+    #     (dParallel and d3LLM: the teacher + LoRA, on the teacher's trajectories; Fast-dLLM v2:
+    #     the AR model, fully fine-tuned)
+    if args.recipes:
+        bases |= _recipes(cache, world, spec, models, data, args, env, parallel)
 
     def base_of(model: str) -> tuple[Path, Path | None]:
-        return (models["teacher"], adapters[model]) if model in adapters else (models[model], None)
+        return bases.get(model, (models.get(model), None))
 
     # 4. every row's score, TPF and length through lm-eval, at the large batch (batched decoding
     #    equals decoding alone: tests/test_decoding.py)
@@ -383,9 +441,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from d2f.tinyworld.evaluate import evaluate
 
+    table_rows = rows(world, recipes=args.recipes)
     table = [
         (row, scored(f"eval-{row.decode['strategy']}-{row.model}", row.model, row.decode))
-        for row in rows(world)
+        for row in table_rows
     ]
     z = SIZES[world]
     sweep = []
@@ -396,11 +455,83 @@ def main(argv: list[str] | None = None) -> None:
                 sweep.append(((tau_add, tau_conf), scored("eval-d2f-student", "student", decode)))
 
     # 5. speed: every row timed side by side in one process (d2f.tinyworld.race)
-    speeds = _race(cache, world, models, adapters, base_of, args, env, spec)
+    speeds = _race(cache, table_rows, base_of, args, env, spec)
 
     write_results(world, table, sweep, speeds, results, args, env)
     _picture(models["teacher"], adapters["student"], results, spec, z)
     print(f"\nquickstart done in {time.perf_counter() - t_start:.0f} s; results in {results}/")
+
+
+def _preset_file(world: str, kind: str) -> Path:
+    return Path(config_dir()) / "train" / f"{preset(world, kind)}.yaml"
+
+
+def _preset_steps(world: str, kind: str) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(_preset_file(world, kind)).max_steps)
+
+
+def teacher_trajectories(tmp: Path, teacher: Path, data: Path, z: Sizes, n: int, threads: int):
+    """The teacher's answers and decode ranks on the first `n` training problems
+    (`python -m d2f.trajectories`: one token per step, blocks of the teacher's size)."""
+    cmd = [sys.executable, "-m", "d2f.trajectories", "--model", str(teacher), "--data", str(data)]
+    cmd += ["--out", str(tmp / "trajectories.jsonl"), "--block-size", str(z.block)]
+    cmd += ["--gen-length", str(z.max_new_tokens), "--batch-size", "100", "--limit", str(n)]
+    cmd += ["--threads", str(threads)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _recipes(cache, world, spec, models, data, args, env, parallel) -> dict:
+    """Train the peer recipes (cached); their (base, adapter) pairs by row model name."""
+    z = SIZES[world]
+    trajectories = cached(
+        cache,
+        "trajectories",
+        digest(models["teacher"], data, args.trajectories, z.block, z.max_new_tokens, env, D2F),
+        partial(
+            teacher_trajectories,
+            teacher=models["teacher"],
+            data=data,
+            z=z,
+            n=args.trajectories,
+            threads=args.threads,
+        ),
+    )
+    traj = trajectories / "trajectories.jsonl"
+    start = {"dparallel": (models["teacher"], traj), "d3llm": (models["teacher"], traj)}
+    start["fdv2"] = (models["ar"], data)
+    jobs = {
+        kind: partial(
+            cached,
+            cache,
+            kind,
+            digest(base, train_data, config_dir(), args.recipe_steps, env, D2F),
+            partial(
+                distil,
+                base=base,
+                data=train_data,
+                world=world,
+                spec=spec,
+                threads=args.threads,
+                steps=args.recipe_steps,
+                kind=kind,
+                quiet=parallel,
+            ),
+        )
+        for kind, (base, train_data) in start.items()
+    }
+    if parallel:
+        total = sum(args.recipe_steps or _preset_steps(world, k) for k in jobs)
+        runs = build_in_parallel(jobs, 2, cache, total)
+    else:
+        runs = {name: job() for name, job in jobs.items()}
+    out = {}
+    for kind, run in runs.items():
+        lora = (run / "adapter").is_dir()
+        out[kind] = (start[kind][0], run / "adapter") if lora else (run / "model", None)
+    return out
 
 
 def default_out(world: str) -> Path:
@@ -411,18 +542,18 @@ def default_out(world: str) -> Path:
 DEFAULT_WORLD = "chain"  # the second edition; `add2` stays for the test suite
 
 
-def _race(cache, world, models, adapters, base_of, args, env, spec) -> dict:
+def _race(cache, table_rows, base_of, args, env, spec) -> dict:
     from d2f.decoding import DecodeConfig
     from d2f.tinyworld.race import Entry, race
     from d2f.tinyworld.task import records
 
-    entries = [Entry(r.name, r.model, DecodeConfig(**r.decode)) for r in rows(world)]
+    entries = [Entry(r.name, r.model, DecodeConfig(**r.decode)) for r in table_rows]
+    used = sorted({e.model for e in entries})
     key = digest(
         EVAL_VERSION,
         env,
         D2F,
-        *models.values(),
-        *adapters.values(),
+        *(path or "-" for name in used for path in base_of(name)),
         repr(entries),
         args.time_n,
         args.big_batch,
@@ -433,9 +564,8 @@ def _race(cache, world, models, adapters, base_of, args, env, spec) -> dict:
     def build(tmp: Path) -> None:
         from d2f.models import load_model
 
-        used = {e.model for e in entries}
         loaded = {}
-        for name in sorted(used):
+        for name in used:
             base, adapter = base_of(name)
             loaded[name] = load_model(base, adapter=adapter, merge_adapter=adapter is not None)
         questions = [r["question"] for r in records(spec.level, "test", args.big_batch, spec.seed)]
