@@ -110,6 +110,7 @@ def _parse_value(key: str, text: str, hint):
 KV_CACHES = ("dynamic", "static")
 STATIC_STRATEGIES = ("d2f", "cache_only", "fast_dllm", "ar")  # those that take kv_cache="static"
 COMPILE_MODES = ("off", "eager", "default", "reduce-overhead")  # eager: dynamo tracing only
+CompileMode = Literal["off", "eager", "default", "reduce-overhead"]
 PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
 _INTS = ("block_size", "top_k")  # int fields
 _OPTIONAL_INTS = ("max_new_tokens", "seed", "max_length", "steps_per_block")  # int or None
@@ -143,9 +144,7 @@ class DecodeConfig:
     remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla / fast_dllm
     options: object = None  # the strategy's own settings (dict or options class); None = defaults
     kv_cache: Literal["dynamic", "static"] = "dynamic"  # d2f/cache_only/fast_dllm/ar: KV cache kind
-    compile: Literal["off", "eager", "default", "reduce-overhead"] = (
-        "off"  # d2f/cache_only step under torch.compile (backend eager, or inductor mode); static
-    )
+    compile: CompileMode = "off"  # d2f/cache_only: the step under torch.compile (static cache)
 
     def __post_init__(self):
         self._check_types()

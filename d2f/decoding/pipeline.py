@@ -13,6 +13,10 @@ Per step, for every active row (all vectorised over rows and blocks):
      `cfg.confidence`); a semi-activated block may commit none.
   4. the cache keeps exactly the leading blocks that were complete at the step's start in every
      row: their KV came from this forward with final tokens, so it is exact and never recomputed.
+The cache is `DecodeConfig.kv_cache`'s (`d2f.decoding.kv`: dynamic, or a static buffer where
+step 4 is a pointer move); the window's mask is a slice of one block-causal table built once per
+decode; with `DecodeConfig.compile` step 2-3 run as `d2f.decoding.step.window_step` under
+`torch.compile`, the window padded to a bucket.
 A row stops when an end token is decoded with nothing undecoded before it, or when all
 `num_blocks` blocks exist and are complete; finished rows leave the batch (and the cache).
 `cache_only` is the same loop with tau_add = 1 (one block at a time).
