@@ -11,6 +11,14 @@ per generated token, tokens per second, and the share of wall time spent OUTSIDE
     python scripts/bench_decode.py                       # tiny random LLaDA, CPU
     python scripts/bench_decode.py --model DIR --adapter DIR --strategies d2f vanilla
     python scripts/bench_decode.py --hidden 2048 --layers 16 --device cuda --dtype bfloat16
+    python scripts/bench_decode.py --strategies d2f --kv_cache dynamic static \
+        --compile off default        # the engines side by side, alternated run by run
+
+`--kv_cache` and `--compile` list engine variants (`DecodeConfig.kv_cache`, `.compile`); each
+strategy runs every variant it supports, alternated within each repeat, and the table gives each
+variant's median time against the first one's in the same repeats (`x first`). The first call of a
+variant (its warm-up, over the whole batch) is reported as `first s` (compile time when compiled),
+and `graphs` counts the graphs dynamo built during it and (after the slash) during the timed runs.
 
 A random checkpoint is near-uniform, so nothing would pass tau_conf; `--sharpen` scales its
 output layer to give confident, varied predictions (the default 12 for random checkpoints), so the
@@ -20,6 +28,7 @@ pipeline really runs several blocks and commits several tokens per step.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -27,6 +36,7 @@ import torch
 
 from d2f.decoding import DECODERS, DecodeConfig, generate
 from d2f.decoding.api import CAUSAL_STRATEGIES
+from d2f.decoding.config import COMPILE_MODES, KV_CACHES, STATIC_STRATEGIES
 from d2f.family import family_of
 from d2f.models import load_model
 
@@ -45,10 +55,14 @@ class ForwardTimer:
             torch.cuda.synchronize()
 
     def _pre(self, *args):
+        if torch.compiler.is_compiling():  # inside a compiled step: not timed (shown as n/a)
+            return
         self._sync()
         self._t = time.perf_counter()
 
     def _post(self, *args):
+        if torch.compiler.is_compiling():
+            return
         self._sync()
         self.total += time.perf_counter() - self._t
 
@@ -117,6 +131,8 @@ def main():
     p.add_argument("--tau_conf", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv_cache", nargs="+", default=["dynamic"], choices=list(KV_CACHES))
+    p.add_argument("--compile", nargs="+", default=["off"], choices=list(COMPILE_MODES))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = build(args)
@@ -131,7 +147,10 @@ def main():
         f"block {args.block_size}, max_new_tokens {args.max_new_tokens}, tau_add {args.tau_add}, "
         f"tau_act {args.tau_act}, tau_conf {args.tau_conf}, prompt {args.prompt_len} tokens"
     )
-    header = f"{'strategy':<13}{'batch':>6}{'fwd/seq':>9}{'TPF':>7}{'ms/token':>10}{'tok/s':>9}{'outside fwd':>13}"
+    header = (
+        f"{'strategy':<13}{'engine':<20}{'batch':>6}{'fwd/seq':>9}{'TPF':>7}{'ms/token':>10}"
+        f"{'tok/s':>9}{'outside fwd':>13}{'x first':>9}{'first s':>9}{'graphs':>8}"
+    )
     print(header)
     print("-" * len(header))
     for bsz in args.batch_sizes:
@@ -146,36 +165,78 @@ def main():
                 models[causal] = (other, ForwardTimer(other))
             if causal not in models:
                 kind = "an autoregressive" if causal else "a dLLM"
-                print(f"{strategy:<13}{bsz:>6}   n/a: needs {kind} model")
+                print(f"{strategy:<13}{'':<20}{bsz:>6}   n/a: needs {kind} model")
                 continue
             model, timer = models[causal]
-            cfg = DecodeConfig(
-                strategy=strategy,
-                block_size=args.block_size,
-                max_new_tokens=args.max_new_tokens,
-                tau_add=args.tau_add,
-                tau_act=args.tau_act,
-                tau_conf=args.tau_conf,
-                # v2's own threshold (authors' 0.9) set to tau_conf so the rows compare
-                options={"threshold": args.tau_conf} if strategy == "fast_dllm_v2" else None,
-            )
-            generate(model, prompts[:1], cfg)  # warm-up
-            best = None
-            for _ in range(args.repeats):
-                timer.total = 0.0
-                t0 = time.perf_counter()
-                out = generate(model, prompts, cfg)
-                wall = time.perf_counter() - t0
-                if best is None or wall < best[0]:
-                    best = (wall, timer.total, out)
-            wall, in_fwd, out = best
-            s = out.stats
-            fwd_per_seq = sum(r.forwards for r in s.rows) / len(s.rows)
-            print(
-                f"{strategy:<13}{bsz:>6}{fwd_per_seq:>9.1f}{s.tokens_per_forward:>7.2f}"
-                f"{1e3 * wall / max(s.tokens, 1):>10.2f}{s.tokens / wall:>9.0f}"
-                f"{100 * (1 - in_fwd / wall):>12.0f}%"
-            )
+            bench_strategy(args, strategy, bsz, model, timer, prompts)
+
+
+def engines(args, strategy: str) -> list[tuple[str, str]]:
+    """The (kv_cache, compile) variants of `args` that `strategy` supports."""
+    out = []
+    for kv in args.kv_cache:
+        for comp in args.compile:
+            if kv == "static" and strategy not in STATIC_STRATEGIES:
+                continue
+            if comp != "off" and (kv != "static" or strategy not in ("d2f", "cache_only")):
+                continue
+            out.append((kv, comp))
+    return out or [("dynamic", "off")]
+
+
+def bench_strategy(args, strategy, bsz, model, timer, prompts) -> None:
+    """Every engine variant of one strategy at one batch size, alternated repeat by repeat."""
+    from torch._dynamo.utils import counters
+
+    variants = engines(args, strategy)
+    cfgs, first_s, graphs = {}, {}, {}
+    for kv, comp in variants:
+        cfgs[kv, comp] = DecodeConfig(
+            strategy=strategy,
+            block_size=args.block_size,
+            max_new_tokens=args.max_new_tokens,
+            tau_add=args.tau_add,
+            tau_act=args.tau_act,
+            tau_conf=args.tau_conf,
+            # v2's own threshold (authors' 0.9) set to tau_conf so the rows compare
+            options={"threshold": args.tau_conf} if strategy == "fast_dllm_v2" else None,
+            kv_cache=kv,
+            compile=comp,
+        )
+        before = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        generate(model, prompts, cfgs[kv, comp])  # warm-up over the whole batch: every shape
+        first_s[kv, comp] = time.perf_counter() - t0
+        graphs[kv, comp] = [counters["stats"]["unique_graphs"] - before, 0]
+    walls = {v: [] for v in variants}
+    best = {}
+    for _ in range(args.repeats):
+        for v in variants:
+            before = counters["stats"]["unique_graphs"]
+            timer.total = 0.0
+            t0 = time.perf_counter()
+            out = generate(model, prompts, cfgs[v])
+            wall = time.perf_counter() - t0
+            graphs[v][1] += counters["stats"]["unique_graphs"] - before
+            walls[v].append(wall)
+            if v not in best or wall < best[v][0]:
+                best[v] = (wall, timer.total, out)
+    base = variants[0]
+    for v in variants:
+        wall, in_fwd, out = best[v]
+        if out.tokens != best[base][2].tokens:
+            print(f"  NOTE: {v} tokens differ from {base}")
+        s = out.stats
+        fwd_per_seq = sum(r.forwards for r in s.rows) / len(s.rows)
+        ratio = statistics.median(a / b for a, b in zip(walls[base], walls[v], strict=True))
+        engine = v[0] if v[1] == "off" else f"{v[0]}+{v[1]}"
+        outside = "n/a" if v[1] != "off" else f"{100 * (1 - in_fwd / wall):.0f}%"
+        print(
+            f"{strategy:<13}{engine:<20}{bsz:>6}{fwd_per_seq:>9.1f}{s.tokens_per_forward:>7.2f}"
+            f"{1e3 * wall / max(s.tokens, 1):>10.2f}{s.tokens / wall:>9.0f}"
+            f"{outside:>13}{ratio:>9.2f}{first_s[v]:>9.1f}"
+            f"{graphs[v][0]:>5}/{graphs[v][1]}"
+        )
 
 
 if __name__ == "__main__":

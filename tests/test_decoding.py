@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from d2f.decoding import DecodeConfig, generate
+from d2f.decoding.config import KV_CACHES
 from d2f.family import family_of
 from d2f.models import load_model
 from tests.decode_helpers import Counter
@@ -45,18 +46,25 @@ def _prompts(n_list=(5, 9, 3), seed=0):
     return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
+@pytest.mark.parametrize("kv", KV_CACHES)
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 @pytest.mark.parametrize("bs", [4, 8])
-def test_pipeline_equals_reference(models, fam, bs):
-    """Identical tokens AND identical step counts at temperature 0, batch 1 and a ragged batch 3."""
+def test_pipeline_equals_reference(models, fam, bs, kv):
+    """Identical tokens AND identical step counts at temperature 0, batch 1 and a ragged batch 3,
+    over every KV cache kind."""
     model, _ = models[fam]
     prompts = _prompts()
     parallel_steps = ended = 0
     for tau_add, tau_act, tau_conf in SETTINGS:
         cfg = DecodeConfig(
-            block_size=bs, max_new_tokens=24, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf
+            block_size=bs,
+            max_new_tokens=24,
+            tau_add=tau_add,
+            tau_act=tau_act,
+            tau_conf=tau_conf,
+            kv_cache=kv,
         )
-        ref = generate(model, prompts, cfg, strategy="reference")
+        ref = generate(model, prompts, cfg, strategy="reference", kv_cache="dynamic")
         fast = generate(model, prompts, cfg)
         assert fast.tokens == ref.tokens, (tau_add, tau_act, tau_conf)
         # one forward per step and no separate prefill: the reference's count (one full
@@ -108,9 +116,10 @@ def test_forward_count_and_finished_rows_stop(models):
     assert family_of(model).end_token_ids[0] not in out.tokens[2]
 
 
+@pytest.mark.parametrize("kv", KV_CACHES)
 @pytest.mark.parametrize("strategy", ["d2f", "cache_only"])
 @pytest.mark.parametrize("fam", ["llada", "dream"])
-def test_no_separate_prefill_call(models, fam, strategy):
+def test_no_separate_prefill_call(models, fam, strategy, kv):
     """The prompt is processed in the first step's call (prompt + first block, the authors' first
     call), so a row costs one forward per step: exactly the full-recompute reference's count,
     computed row by row with no cache (the old separate prefill made it one more). Counted by a
@@ -121,7 +130,7 @@ def test_no_separate_prefill_call(models, fam, strategy):
     family = family_of(model)
     counter = Counter(model)
     cfg = DecodeConfig(
-        strategy=strategy, block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75
+        strategy=strategy, block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75, kv_cache=kv
     )
     run_cfg = dataclasses.replace(cfg, tau_add=1.0) if strategy == "cache_only" else cfg
     prompts = _prompts((5, 9, 3, 7))
@@ -141,9 +150,12 @@ def test_no_separate_prefill_call(models, fam, strategy):
         counter.handle.remove()
 
 
-def test_one_host_sync_per_step(models, monkeypatch):
+@pytest.mark.parametrize("kv", KV_CACHES)
+def test_one_host_sync_per_step(models, monkeypatch, kv):
     model, _ = models["llada"]
-    cfg = DecodeConfig(block_size=4, max_new_tokens=24, tau_add=0.25, tau_act=0.75, tau_conf=0.6)
+    cfg = DecodeConfig(
+        block_size=4, max_new_tokens=24, tau_add=0.25, tau_act=0.75, tau_conf=0.6, kv_cache=kv
+    )
     prompts = _prompts()
     generate(model, prompts, cfg)  # warm up
     count = {"n": 0}
@@ -164,12 +176,22 @@ def test_one_host_sync_per_step(models, monkeypatch):
     assert 0 < count["n"] <= rec.step + 1, (count["n"], rec.step)
 
 
-@pytest.mark.parametrize("strategy", ["d2f", "cache_only", "vanilla", "fast_dllm"])
+@pytest.mark.parametrize(
+    "strategy, kv",
+    [(s, "dynamic") for s in ("d2f", "cache_only", "vanilla", "fast_dllm")]
+    + [(s, "static") for s in ("d2f", "cache_only", "fast_dllm")],
+)
 @pytest.mark.parametrize("fam", ["llada", "dream"])
-def test_batch_equals_alone(models, fam, strategy):
+def test_batch_equals_alone(models, fam, strategy, kv):
     model, _ = models[fam]
     cfg = DecodeConfig(
-        strategy=strategy, block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75, tau_conf=0.6
+        strategy=strategy,
+        block_size=4,
+        max_new_tokens=16,
+        tau_add=0.25,
+        tau_act=0.75,
+        tau_conf=0.6,
+        kv_cache=kv,
     )
     prompts = _prompts()
     out = generate(model, prompts, cfg)
@@ -209,11 +231,13 @@ def test_fast_dllm_commits_above_threshold(models):
     assert low.stats.forwards < high.stats.forwards
 
 
-def test_ar_matches_naive_greedy(models):
+@pytest.mark.parametrize("kv", KV_CACHES)
+def test_ar_matches_naive_greedy(models, kv):
     """AR with KV cache and batching == argmax over a full causal recompute, one row at a time."""
     model, tok = models["ar"]
     prompts = _prompts((4, 7))
-    out = generate(model, prompts, DecodeConfig(strategy="ar", block_size=4, max_new_tokens=12))
+    cfg = DecodeConfig(strategy="ar", block_size=4, max_new_tokens=12, kv_cache=kv)
+    out = generate(model, prompts, cfg)
     ends = family_of(model).end_token_ids
     for p, got in zip(prompts, out.tokens, strict=True):
         x = list(p)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d2f.decoding import DecodeConfig, generate
-from d2f.decoding.config import parse_options
+from d2f.decoding.config import KV_CACHES, parse_options
 from d2f.decoding.fast_dllm import (
     FastDLLMOptions,
     confidence_dtype,
@@ -63,9 +63,14 @@ def _prompts(n_list=(5, 9, 3), seed=0):
     return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
-def _cfg(bs=4, new=16, tau_conf=0.9, **options):
+def _cfg(bs=4, new=16, tau_conf=0.9, kv_cache="dynamic", **options):
     return DecodeConfig(
-        strategy="fast_dllm", block_size=bs, max_new_tokens=new, tau_conf=tau_conf, options=options
+        strategy="fast_dllm",
+        block_size=bs,
+        max_new_tokens=new,
+        tau_conf=tau_conf,
+        options=options,
+        kv_cache=kv_cache,
     )
 
 
@@ -197,15 +202,19 @@ def test_dream_commits_the_block_start_token_first(models):
         assert rest[:, 4 * k + 1 : 4 * k + 4].all() and int(rest.sum()) == 9
 
 
+@pytest.mark.parametrize("kv", KV_CACHES)
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 @pytest.mark.parametrize("rule", ["threshold", "factor"])
-def test_caches_agree_on_a_one_layer_model(models, fam, rule):
+def test_caches_agree_on_a_one_layer_model(models, fam, rule, kv):
     """With one layer the cached K/V are projections of the token embeddings: the prefix KV
     (and dual's suffix of masks) is then exact, so the three caches give the same tokens and the
-    same forwards. With more layers they legitimately differ (stale KV), see docs/decoding.md."""
+    same forwards. With more layers they legitimately differ (stale KV), see docs/decoding.md.
+    Over both KV cache kinds (the static dual cache keeps its keys in column order)."""
     model, prompts = models[fam, 1]
     runs = {
-        c: generate(model, prompts, _cfg(rule=rule, threshold=0.3, cache=c), record=True)
+        c: generate(
+            model, prompts, _cfg(rule=rule, threshold=0.3, cache=c, kv_cache=kv), record=True
+        )
         for c in ("none", "prefix", "dual")
     }
     assert runs["prefix"].tokens == runs["none"].tokens == runs["dual"].tokens
@@ -226,13 +235,27 @@ def test_prefix_and_dual_agree_on_a_single_block(models, fam):
 
 
 @pytest.mark.parametrize("fam", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("rule", ["threshold", "factor"])
+def test_static_cache_equals_dynamic(models, fam, cache, rule):
+    """Two layers (stale KV: not exact) and a ragged batch: the static buffer rewritten in place
+    is the same computation as the dynamic cache's concatenations."""
+    model, prompts = models[fam]
+    dyn = generate(model, prompts, _cfg(rule=rule, threshold=0.6, cache=cache))
+    sta = generate(model, prompts, _cfg(rule=rule, threshold=0.6, cache=cache, kv_cache="static"))
+    assert sta.tokens == dyn.tokens
+    assert [r.forwards for r in sta.stats.rows] == [r.forwards for r in dyn.stats.rows]
+
+
+@pytest.mark.parametrize("kv", KV_CACHES)
+@pytest.mark.parametrize("fam", ["llada", "dream"])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 @pytest.mark.parametrize("rule", ["threshold", "factor"])
-def test_batch_equals_alone(models, fam, cache, rule):
+def test_batch_equals_alone(models, fam, cache, rule, kv):
     """Ragged batch of 3 == each prompt alone (tokens AND per-row forwards: a row whose block is
     complete leaves the step's sub-batch); the hook counts every batched call once."""
     model, prompts = models[fam]
-    cfg = _cfg(rule=rule, threshold=0.6, cache=cache)
+    cfg = _cfg(rule=rule, threshold=0.6, cache=cache, kv_cache=kv)
     counter = Counter(model)
     out = generate(model, prompts, cfg, record=True)
     assert counter.calls == out.stats.forwards

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from d2f.decoding.common import (
     Batch,
@@ -26,6 +25,7 @@ from d2f.decoding.common import (
     seeded_generator,
 )
 from d2f.decoding.config import DecodeConfig
+from d2f.decoding.kv import make_cache
 from d2f.family import Family
 from d2f.mask import block_ids, causal_mask, full_mask
 
@@ -101,7 +101,7 @@ def ar_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Recorder):
         prompts, cfg.gen_length, family.end_token_ids[0], family.pad_token_id, device
     )
     P = batch.prompt_len
-    cache = DynamicCache(config=model.config)
+    cache = make_cache(model, cfg.kv_cache, P + cfg.max_new_tokens)
     logits = forward(model, rec, batch, causal_mask(batch.valid[:, :P]), 0, P, cache)[:, -1:]
     rec.prefill_done()
     n_new = cfg.max_new_tokens  # one token per step: no need to fill the last block

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from d2f.decoding.config import BlockState, DecodeConfig, StepEvent
+from d2f.decoding.kv import key_mask
 from d2f.mask import position_ids, to_additive
 
 
@@ -145,7 +146,8 @@ def forward(
 ):
     """One model call over columns `start:end` of the batch; returns (B, end - start, V) logits.
 
-    mask_bool: (B, end - start, K) bool with K = (cached columns) + (end - start). The model gets
+    mask_bool: (B, end - start, K) bool with K = (cached columns) + (end - start); a static cache
+    takes it over its whole buffer (`d2f.decoding.kv.key_mask`: keys past K hidden). The model gets
     `batch.emb[:, start:end]` as `inputs_embeds` when the batch carries embeddings, else the ids.
     """
     rec.called(batch.rows)
@@ -159,7 +161,7 @@ def forward(
         inputs = {"inputs_embeds": batch.emb[:, start:end]}
     out = model(
         **inputs,
-        attention_mask=to_additive(mask_bool, dtype),
+        attention_mask=to_additive(key_mask(mask_bool, cache), dtype),
         position_ids=batch.pos[:, start:end],
         use_cache=cache is not None,
         **with_cache,
@@ -233,9 +235,10 @@ def commit(
     B, W = answer_w.shape
     bs = cfg.block_size
     masked = (answer_w == mask_id).view(B, -1, bs)  # (B, nbw, bs)
-    live = (state_w != BlockState.ABSENT)[..., None]
+    # NOTE: `.value`: torch.compile cannot trace a tensor compared with an IntEnum member
+    live = (state_w != BlockState.ABSENT.value)[..., None]
     chosen = masked & live & (conf.view(B, -1, bs) > cfg.tau_conf)
-    need = (state_w == BlockState.FULL) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
+    need = (state_w == BlockState.FULL.value) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
     best = score.view(B, -1, bs).masked_fill(~masked, float("-inf")).argmax(-1)  # (B, nbw)
     fallback = torch.nn.functional.one_hot(best, bs).bool() & need[..., None]
     return (chosen | fallback).view(B, W)

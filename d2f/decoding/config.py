@@ -107,6 +107,10 @@ def _parse_value(key: str, text: str, hint):
         raise ValueError(f"option {key} must be {kind.__name__}, got {text!r}") from None
 
 
+KV_CACHES = ("dynamic", "static")
+STATIC_STRATEGIES = ("d2f", "cache_only", "fast_dllm", "ar")  # those that take kv_cache="static"
+COMPILE_MODES = ("off", "eager", "default", "reduce-overhead")  # eager: dynamo tracing only
+CompileMode = Literal["off", "eager", "default", "reduce-overhead"]
 PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
 _INTS = ("block_size", "top_k")  # int fields
 _OPTIONAL_INTS = ("max_new_tokens", "seed", "max_length", "steps_per_block")  # int or None
@@ -139,6 +143,8 @@ class DecodeConfig:
     steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
     remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla / fast_dllm
     options: object = None  # the strategy's own settings (dict or options class); None = defaults
+    kv_cache: Literal["dynamic", "static"] = "dynamic"  # d2f/cache_only/fast_dllm/ar: KV cache kind
+    compile: CompileMode = "off"  # d2f/cache_only: the step under torch.compile (static cache)
 
     def __post_init__(self):
         self._check_types()
@@ -172,6 +178,27 @@ class DecodeConfig:
             )
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be low_confidence or random, got {self.remasking!r}")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """kv_cache / compile: known values, on the strategies that implement them."""
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "static" and self.strategy not in STATIC_STRATEGIES:
+            raise ValueError(
+                f"kv_cache='static' is implemented for {STATIC_STRATEGIES}, not {self.strategy!r}"
+            )
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile != "off":
+            if self.strategy not in ("d2f", "cache_only"):
+                raise ValueError(
+                    f"compile is implemented for d2f and cache_only, not {self.strategy!r}"
+                )
+            if self.kv_cache != "static":
+                raise ValueError("compile needs kv_cache='static' (fixed shapes across steps)")
+            if self.temperature > 0:
+                raise ValueError("compile supports greedy decoding (temperature 0) only")
 
     def _resolve_options(self):
         """`options` as the strategy's options dataclass: None -> its defaults, a dict -> built

@@ -42,6 +42,7 @@ from d2f.decoding.common import (
     seeded_generator,
 )
 from d2f.decoding.config import DecodeConfig, strategy_options
+from d2f.decoding.kv import StaticKV, keep_columns, make_cache
 from d2f.family import Family
 from d2f.mask import block_ids, full_mask
 
@@ -162,13 +163,6 @@ def dual_cache(cache: DynamicCache, s: int, e: int, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def keep_columns(cache: DynamicCache, n: int) -> None:
-    """Keep the first `n` cached columns (transformers' crop takes how many to remove)."""
-    extra = cache.get_seq_length() - n
-    if extra > 0:
-        cache.crop(-extra)
-
-
 def dual_mask(ids: Tensor, s: int, e: int) -> Tensor:
     """(B, e - s, L) bool: the queries of columns [s, e) over keys ordered [prefix | suffix |
     [s, e)], the order of `dual_cache` plus the forwarded columns."""
@@ -201,6 +195,10 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
     P, B = batch.prompt_len, len(prompts)
     ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
     rec.prefill_done()  # no prefill: every block starts with a full forward
+    # a static cache is allocated once and rewritten at every block start
+    static = None
+    if cfg.kv_cache == "static" and opts.cache != "none":
+        static = make_cache(model, "static", batch.x.shape[1])
 
     def choose(preds: Tensor, blk: Tensor) -> tuple[Tensor, Tensor]:
         x0, conf = tokens_conf(preds, cfg, opts, family, mask_id, gen)  # (b, bs) each
@@ -229,7 +227,9 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
                     break
                 ids = ids[keep]
         s = P + k * bs
-        blk = start_block(model, rec, batch, ids, s, bs, opts.cache, family, choose, apply)
+        blk = start_block(
+            model, rec, batch, ids, s, bs, opts.cache, family, choose, apply, static=static
+        )
         while blk.act.numel():
             refine(model, rec, batch, ids, blk, opts.cache, family, choose, apply, mask_id)
     if batch.x.shape[0]:
@@ -238,14 +238,29 @@ def fast_dllm_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Rec
 
 
 def start_block(
-    model, rec, batch, ids, s, bs, cache, family, choose, apply, rows=None, window=None, after=None
+    model,
+    rec,
+    batch,
+    ids,
+    s,
+    bs,
+    cache,
+    family,
+    choose,
+    apply,
+    rows=None,
+    window=None,
+    after=None,
+    static: StaticKV | None = None,
 ) -> Block:
     """The block-start full forward, its commit, and the cache the refinement steps reuse.
 
     cache: "none" / "prefix" / "dual". rows: (b,) long batch rows to start (None = all).
     window: dual only, the columns (lo, hi) around [s, e) that each refinement step forwards
     (dInfer's vicinity window; None = the block). after(rows, start, logits): called after the
-    commit with the call's raw (b, n, V) logits over columns [start, start + n).
+    commit with the call's raw (b, n, V) logits over columns [start, start + n). static: a
+    preallocated cache to rewrite instead of a new `DynamicCache`; its columns stay in place, so
+    the dual cache is the block-start buffer itself, each step rewriting its window's columns.
     """
     e, L = s + bs, batch.x.shape[1]
     if rows is None:
@@ -253,7 +268,13 @@ def start_block(
         sub = batch
     else:
         sub = batch.subset(rows)
-    kv = None if cache == "none" else DynamicCache(config=model.config)
+    if cache == "none":
+        kv = None
+    elif static is not None:
+        kv = static
+        kv.seek(0)
+    else:
+        kv = DynamicCache(config=model.config)
     logits = forward(model, rec, sub, full_mask(ids[rows]), 0, L, kv)  # (b, L, V)
     preds = family.align_logits(logits)[:, s:e]  # (b, bs, V)
     x0, chosen = choose(preds, sub.x[:, s:e])
@@ -269,7 +290,7 @@ def start_block(
     elif cache == "dual" and (lo, hi) == (0, L):
         kv = None  # NOTE: a window over every column caches none (and transformers leaves an
         # empty cache's batch unselected, so no empty cache is kept)
-    elif cache == "dual":
+    elif cache == "dual" and static is None:
         kv = dual_cache(kv, lo, hi, model.config)
     left = (batch.x[rows, s:e] == family.mask_token_id).any(-1)  # (b,)
     act = rows[left]
@@ -296,9 +317,13 @@ def refine(
         preds = family.align_logits(logits, blk.carry)[:, : e - s]
     else:
         start, hi = (s, e) if blk.window is None else blk.window
-        mask = dual_mask(ids[act], start, hi)
+        if isinstance(blk.cache, StaticKV):  # keys in column order: rewrite [start, hi) in place
+            blk.cache.seek(start)
+            mask = full_mask(ids[act], start, hi)
+        else:
+            mask = dual_mask(ids[act], start, hi)
         logits = forward(model, rec, sub, mask, start, hi, blk.cache)  # (b, hi - start, V)
-        if blk.cache is not None:
+        if blk.cache is not None and not isinstance(blk.cache, StaticKV):
             keep_columns(blk.cache, L - (hi - start))
         # a window opening before the block holds the logits that predict column s itself
         carry = blk.carry if start == s else None

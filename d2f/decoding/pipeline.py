@@ -13,6 +13,10 @@ Per step, for every active row (all vectorised over rows and blocks):
      `cfg.confidence`); a semi-activated block may commit none.
   4. the cache keeps exactly the leading blocks that were complete at the step's start in every
      row: their KV came from this forward with final tokens, so it is exact and never recomputed.
+The cache is `DecodeConfig.kv_cache`'s (`d2f.decoding.kv`: dynamic, or a static buffer where
+step 4 is a pointer move); the window's mask is a slice of one block-causal table built once per
+decode; with `DecodeConfig.compile` step 2-3 run as `d2f.decoding.step.window_step` under
+`torch.compile`, the window padded to a bucket.
 A row stops when an end token is decoded with nothing undecoded before it, or when all
 `num_blocks` blocks exist and are complete; finished rows leave the batch (and the cache).
 `cache_only` is the same loop with tau_add = 1 (one block at a time).
@@ -21,8 +25,8 @@ A row stops when an end token is decoded with nothing undecoded before it, or wh
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache
 
 from d2f.decoding.common import (
     Batch,
@@ -36,8 +40,10 @@ from d2f.decoding.common import (
     seeded_generator,
 )
 from d2f.decoding.config import BlockState, DecodeConfig
+from d2f.decoding.kv import make_cache
+from d2f.decoding.step import bucket, max_padding, step_function, window_buckets
 from d2f.family import Family
-from d2f.mask import block_causal_mask, block_ids
+from d2f.mask import block_causal_mask, block_ids, to_additive
 
 
 def decoded_fraction(answer: Tensor, mask_id: int, bs: int) -> Tensor:
@@ -69,10 +75,19 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
     gen = seeded_generator(cfg, device)
     batch = Batch.create(prompts, cfg.gen_length, mask_id, family.pad_token_id, device)
     P, B = batch.prompt_len, len(prompts)
-    full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, P + G)
     state = torch.zeros(B, NB, dtype=torch.int8, device=device)
-
-    cache = DynamicCache(config=model.config)
+    step_fn = None if cfg.compile == "off" else step_function(cfg.compile)
+    buckets = window_buckets(NB, bs)
+    L = P + cfg.gen_length
+    Lc = L + (max_padding(buckets, bs) if step_fn is not None else 0)  # cache and table columns
+    # The window's mask is a slice of one table, the block-causal mask with every block existing,
+    # and-ed with which columns exist: `block_causal_mask` of the ids with absent blocks at -1.
+    full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
+    table = block_causal_mask(F.pad(full_ids, (0, Lc - L), value=-1))  # (B, Lc, Lc)
+    eye = torch.eye(Lc, dtype=torch.bool, device=device)
+    cache = make_cache(model, cfg.kv_cache, Lc)
+    K_static = Lc if cfg.kv_cache == "static" else None  # a static cache shows all its columns
+    dtype = next(model.parameters()).dtype
     # No separate prefill: the first step's window starts at column 0, so its one call computes
     # the prompt (block 0) and the first answer block together, as the authors' loop does. The
     # prompt's KV is exact (under the block-causal mask the prompt never sees the answer) and is
@@ -102,32 +117,62 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
             keep = drop_finished(rec, batch, finished, fin)
             if keep is None:
                 break
-            state, full_ids, exists = state[keep], full_ids[keep], exists[keep]
+            state, table, exists = state[keep], table[keep], exists[keep]
             carry = None if carry is None else carry[keep]
             cache.batch_select_indices(keep)
         start, end = cached, P + n_blocks * bs
         new_cached = P + keep_blocks * bs
-        col_exists = torch.cat(
-            [torch.ones_like(batch.valid[:, :P]), exists.repeat_interleave(bs, 1)], 1
-        )
-        ids = torch.where(col_exists, full_ids, -1)[:, :end]  # absent blocks are invisible
-        logits = forward(model, rec, batch, block_causal_mask(ids, start, end), start, end, cache)
-        if end > new_cached:
-            cache.crop(-(end - new_cached))
+        # the compiled step pads the window to a bucket; the first step (the prompt) is eager
+        compiled = step_fn is not None and start > 0
+        stop = start + bucket(end - start, buckets) if compiled else end
+        K = end if K_static is None else K_static  # key columns the model sees
+        col_exists = F.pad(
+            torch.cat([torch.ones_like(batch.valid[:, :P]), exists.repeat_interleave(bs, 1)], 1),
+            (0, Lc - L),
+        )  # (B, Lc) bool
+        mask = (
+            table[:, start:stop, :K] & col_exists[:, None, :K] & col_exists[:, start:stop, None]
+        ) | eye[start:stop, :K]  # (B, stop - start, K)
         a0 = max(start, P)  # the window's first answer column (the first step starts at 0)
-        # (B, W, V) over the window's answer columns: column i predicts token i
-        preds = family.align_logits(logits, carry)[:, a0 - start :]
+        first_block = (a0 - P) // bs
+        state_w = state[:, first_block : first_block + (end - a0) // bs]
+        answer_w = batch.x[:, a0:end]
+        if compiled:  # a0 == start: the window is answer columns only
+            rec.called(batch.rows)
+            pad = stop - end
+            logits, new_w, chosen = step_fn(
+                model,
+                cache,
+                # contiguous inputs: a slice's strides would be one more guard to recompile on
+                F.pad(answer_w, (0, pad), value=mask_id).contiguous(),
+                F.pad(batch.pos[:, start:end], (0, pad)).contiguous(),
+                to_additive(mask, dtype),
+                carry,
+                F.pad(state_w, (0, pad // bs), value=BlockState.ABSENT.value).contiguous(),
+                family,
+                cfg,
+            )
+            logits, new_w, chosen = (
+                logits[:, : end - start],
+                new_w[:, : end - a0],
+                chosen[:, : end - a0],
+            )
+            rec.check_logits(logits)
+        else:
+            logits = forward(model, rec, batch, mask, start, end, cache)
+            # (B, W, V) over the window's answer columns: column i predicts token i
+            preds = family.align_logits(logits, carry)[:, a0 - start :]
+            x0, conf, score = predict(preds, cfg, mask_id, gen)
+            chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
+            new_w = torch.where(chosen, x0, answer_w)
+        if stop > new_cached:  # keep only the exact part: a pointer move for the static cache
+            cache.crop(-(stop - new_cached))
         if family.shift_logits and new_cached > start:
             # the last newly cached column predicts the next window's first (clone: a view
             # would keep this step's whole logits tensor alive)
-            carry = logits[:, new_cached - 1 - start].clone()  # (B, V)
+            carry = logits[:, new_cached - 1 - start].clone(memory_format=torch.contiguous_format)
         cached = new_cached
-        x0, conf, score = predict(preds, cfg, mask_id, gen)
-        answer_w = batch.x[:, a0:end]
-        first_block = (a0 - P) // bs
-        state_w = state[:, first_block : first_block + (end - a0) // bs]
-        chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
-        batch.x[:, a0:end] = torch.where(chosen, x0, answer_w)
+        batch.x[:, a0:end] = new_w
         committed = torch.zeros_like(batch.answer, dtype=torch.bool)
         committed[:, a0 - P : end - P] = chosen
         if start == 0:  # the call that processed the prompt (and the first step)
