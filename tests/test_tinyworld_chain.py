@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from d2f.decoding.config import BlockState, StepEvent
-from d2f.tinyworld import quickstart, results
+from d2f.tinyworld import quickstart, results, stages
 from d2f.tinyworld.task import CHAIN_RANGE, CHAIN_STEPS, records
 
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+) \.")
@@ -308,7 +308,7 @@ def test_students_build_in_parallel_and_a_failure_is_not_swallowed(tmp_path):
         started.wait()  # deadlocks (BrokenBarrierError after 10 s) unless both run at once
         return tmp_path / name
 
-    out = quickstart.build_in_parallel(
+    out = stages.build_in_parallel(
         {"student": lambda: job("a"), "student_random": lambda: job("b")}, 2, tmp_path, 10
     )
     assert out == {"student": tmp_path / "a", "student_random": tmp_path / "b"}
@@ -317,18 +317,16 @@ def test_students_build_in_parallel_and_a_failure_is_not_swallowed(tmp_path):
         raise RuntimeError("trainer failed")
 
     with pytest.raises(RuntimeError, match="trainer failed"):
-        quickstart.build_in_parallel(
-            {"student": broken, "student_random": lambda: 1}, 2, tmp_path, 1
-        )
+        stages.build_in_parallel({"student": broken, "student_random": lambda: 1}, 2, tmp_path, 1)
 
 
 def test_progress_reads_the_last_logged_step(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    assert quickstart._last_step(metrics) == 0  # not written yet
+    assert stages._last_step(metrics) == 0  # not written yet
     metrics.write_text('{"step": 25, "loss": 1.0}\n{"step": 50, "loss": 0.5}\n')
-    assert quickstart._last_step(metrics) == 50
+    assert stages._last_step(metrics) == 50
     metrics.write_text('{"step": 25}\n{"ste')  # a line being written
-    assert quickstart._last_step(metrics) == 0
+    assert stages._last_step(metrics) == 0
 
 
 def test_speed_up_is_n_a_when_vanilla_generated_nothing():

@@ -269,7 +269,7 @@ def quickstart_student(world: str, out: str | Path | None = None) -> Path | None
     from d2f.tinyworld.quickstart import default_out
 
     out = Path(out) if out else default_out(world)
-    # every cached stage is `cache/<stage>-<key>/` with a `.done` marker (quickstart.cached)
+    # every cached stage is `cache/<stage>-<key>/` with a `.done` marker (d2f.tinyworld.stages.cached)
     done = sorted((out / "cache").glob("student-*/.done"), key=lambda p: p.stat().st_mtime)
     adapters = [p.parent / "adapter" for p in done if (p.parent / "adapter").is_dir()]
     return adapters[-1] if adapters else None
