@@ -11,6 +11,9 @@ per generated token, tokens per second, and the share of wall time spent OUTSIDE
     python scripts/bench_decode.py                       # tiny random LLaDA, CPU
     python scripts/bench_decode.py --model DIR --adapter DIR --strategies d2f vanilla
     python scripts/bench_decode.py --hidden 2048 --layers 16 --device cuda --dtype bfloat16
+    python scripts/bench_decode.py --hidden 4096 --layers 32 --device cuda --dtype bfloat16 \
+        --strategies ar d2f --kv_cache dynamic static --compile off default reduce-overhead \
+        --batch_sizes 1 8 32      # 8B-shaped (scripts/gpu_bench.sh runs this)
     python scripts/bench_decode.py --strategies d2f --kv_cache dynamic static \
         --compile off default        # the engines side by side, alternated run by run
 
@@ -19,6 +22,14 @@ strategy runs every variant it supports, alternated within each repeat, and the 
 variant's median time against the first one's in the same repeats (`x first`). The first call of a
 variant (its warm-up, over the whole batch) is reported as `first s` (compile time when compiled),
 and `graphs` counts the graphs dynamo built during it and (after the slash) during the timed runs.
+
+`ms/fwd` is the wall time per model call (the batch's calls; a batched call counts once) and
+`x floor` that time over the weight-bandwidth floor: the bytes of the model's weights over the
+device's memory bandwidth (`--bandwidth_gbs`; on CUDA read from the device's memory clock and bus
+width when torch reports them), the least one call can take when it reads every weight once.
+A call near 1x floor is memory-bound as it should be at small batch; far above it, time goes to
+overhead (launches, masks, Python). `--hidden 4096 --layers 32` is LLaDA-8B's width, depth, heads
+and MLP (12288) with the tiny tokenizer's vocabulary: about 7.0B of its 8.0B weights.
 
 A random checkpoint is near-uniform, so nothing would pass tau_conf; `--sharpen` scales its
 output layer to give confident, varied predictions (the default 12 for random checkpoints), so the
@@ -65,6 +76,25 @@ class ForwardTimer:
             return
         self._sync()
         self.total += time.perf_counter() - self._t
+
+
+def bandwidth_gbs(args, device: torch.device) -> float | None:
+    """The memory bandwidth (GB/s) for the floor: `--bandwidth_gbs`, else, on CUDA, twice the
+    memory clock times the bus width (DDR), when torch reports both; else None (no floor)."""
+    if args.bandwidth_gbs:
+        return args.bandwidth_gbs
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def build(args, family: str = "llada"):
@@ -133,6 +163,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv_cache", nargs="+", default=["dynamic"], choices=list(KV_CACHES))
     p.add_argument("--compile", nargs="+", default=["off"], choices=list(COMPILE_MODES))
+    p.add_argument(
+        "--bandwidth_gbs",
+        type=float,
+        default=None,
+        help="device memory bandwidth for the x floor column (default: CUDA's own; CPU: none)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = build(args)
@@ -143,6 +179,15 @@ def main():
         f"model: {family_of(model).name}, {sum(q.numel() for q in model.parameters()):,} parameters, "
         f"{next(model.parameters()).dtype}, {next(model.parameters()).device}, threads {args.threads}"
     )
+    bw = bandwidth_gbs(args, next(model.parameters()).device)
+    print(
+        f"floor: {weight_bytes(model) / 1e6:.1f} MB of weights over "
+        + (
+            f"{bw:.0f} GB/s = {1e3 * weight_bytes(model) / (bw * 1e9):.3f} ms per call"
+            if bw
+            else "n/a"
+        )
+    )
     print(
         f"block {args.block_size}, max_new_tokens {args.max_new_tokens}, tau_add {args.tau_add}, "
         f"tau_act {args.tau_act}, tau_conf {args.tau_conf}, prompt {args.prompt_len} tokens"
@@ -150,6 +195,7 @@ def main():
     header = (
         f"{'strategy':<13}{'engine':<20}{'batch':>6}{'fwd/seq':>9}{'TPF':>7}{'ms/token':>10}"
         f"{'tok/s':>9}{'outside fwd':>13}{'x first':>9}{'first s':>9}{'graphs':>8}"
+        f"{'ms/fwd':>9}{'x floor':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -231,11 +277,14 @@ def bench_strategy(args, strategy, bsz, model, timer, prompts) -> None:
         ratio = statistics.median(a / b for a, b in zip(walls[base], walls[v], strict=True))
         engine = v[0] if v[1] == "off" else f"{v[0]}+{v[1]}"
         outside = "n/a" if v[1] != "off" else f"{100 * (1 - in_fwd / wall):.0f}%"
+        ms_fwd = 1e3 * wall / max(s.forwards, 1)
+        bw = bandwidth_gbs(args, next(model.parameters()).device)
+        floor = f"{ms_fwd / (1e3 * weight_bytes(model) / (bw * 1e9)):.2f}" if bw else "n/a"
         print(
             f"{strategy:<13}{engine:<20}{bsz:>6}{fwd_per_seq:>9.1f}{s.tokens_per_forward:>7.2f}"
             f"{1e3 * wall / max(s.tokens, 1):>10.2f}{s.tokens / wall:>9.0f}"
             f"{outside:>13}{ratio:>9.2f}{first_s[v]:>9.1f}"
-            f"{graphs[v][0]:>5}/{graphs[v][1]}"
+            f"{graphs[v][0]:>5}/{graphs[v][1]:<2}{ms_fwd:>9.2f}{floor:>9}"
         )
 
 

@@ -69,3 +69,14 @@ def test_bf16_pipeline_matches_reference_on_cuda(tiny_dir, family):
     same = sum(a == b for f, r in rows for a, b in zip(f, r, strict=False))
     total = sum(max(len(f), len(r)) for f, r in rows)  # a row that stops early disagrees after
     assert total >= 8 * 8 and same >= 0.8 * total, (same, total)
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "default", "reduce-overhead"])
+def test_static_cache_and_compiled_step_equal_the_reference_on_cuda(tiny_dir, compile_mode):
+    """The static cache and the compiled step (inductor; CUDA graphs with reduce-overhead) give
+    the reference's tokens and step counts on CUDA, fp32, a ragged batch."""
+    model = _confident(tiny_dir("llada"), "float32")
+    fast = generate(model, PROMPTS, CFG, kv_cache="static", compile=compile_mode)
+    ref = generate(model, PROMPTS, CFG, strategy="reference")
+    assert fast.tokens == ref.tokens
+    assert [r.forwards for r in fast.stats.rows] == [r.forwards for r in ref.stats.rows]
