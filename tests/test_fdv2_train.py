@@ -13,20 +13,18 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from d2f.checkpoint import list_checkpoints
 from d2f.config import NoiseConfig
 from d2f.data import TokenBatch
 from d2f.decoding import DecodeConfig, generate
 from d2f.family import detect_spec, family_of
 from d2f.mask import bd3_mask, block_causal_mask, block_ids, position_ids, to_additive
 from d2f.models import adopt_config, build_model, load_model, save_model
-from d2f.objectives import OBJECTIVES, Batch, make_batch
+from d2f.objectives import Batch, make_batch
 from d2f.recipes.fast_dllm_v2 import adapt_checkpoint, fast_dllm_v2_step
 from d2f.train import main
 from tests.test_fast_dllm_v2 import _reference as v2_reference
-from tests.train_helpers import mean, read_metrics, tiny_config
+from tests.train_helpers import kill_and_resume, mean, read_metrics, tiny_config
 
 NOISE = NoiseConfig("random", 4, lo=1e-3, hi=1.0, mask_padding=False)
 FDV2 = ("train.objective=fast_dllm_v2", "train.noise.schedule=random", "train.noise.lo=0.001",
@@ -288,35 +286,15 @@ def test_trains_from_ar_with_a_falling_loss(tiny_dir, tmp_path):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
-    """As tests/test_train.py's distill test: dies inside step 5 (checkpoints at 2 and 4), resumed
-    with resume=auto, gives the same losses and the same weights as an uninterrupted run."""
-    opts = (*FDV2, "train.max_steps=6", "train.save_every=2", "train.micro_batch_size=8")
-    main(tiny_config(tiny_dir("ar"), tmp_path / "straight", *opts))
-    calls = {"n": 0}
-    objective = OBJECTIVES["fast_dllm_v2"]
-
-    def dies_in_step_5(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("killed")
-        return objective.step(*args)
-
-    monkeypatch.setitem(
-        OBJECTIVES, "fast_dllm_v2", dataclasses.replace(objective, step=dies_in_step_5)
+    """fast_dllm_v2 killed inside step 7 and resumed: the same numbers at every step and the same
+    weights (full fine-tuning) as one uninterrupted run (tests/train_helpers.py::kill_and_resume)."""
+    kill_and_resume(
+        "fast_dllm_v2",
+        lambda out, *o: tiny_config(tiny_dir("ar"), out, *FDV2, "train.micro_batch_size=8", *o),
+        tmp_path,
+        monkeypatch,
+        lora=False,
     )
-    run = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        main(tiny_config(tiny_dir("ar"), run, *opts))
-    monkeypatch.setitem(OBJECTIVES, "fast_dllm_v2", objective)
-    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000002", "checkpoint-000004"]
-    main(tiny_config(tiny_dir("ar"), run, *opts))
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(run)
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(straight, resumed, strict=True):
-        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a, b)
-    w = [load_file(d / "checkpoint-000006" / "model" / "model.safetensors")
-         for d in (tmp_path / "straight", run)]  # fmt: skip
-    assert w[0].keys() == w[1].keys() and all(torch.equal(w[0][k], w[1][k]) for k in w[0])
 
 
 def test_presets(tmp_path):

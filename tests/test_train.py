@@ -25,14 +25,21 @@ from d2f.loss import distill_terms
 from d2f.mask import full_mask
 from d2f.models import load_model
 from d2f.objectives import (
-    OBJECTIVES,
     forward,
     make_batch,
     student_logits,
     teacher_logits,
 )
 from d2f.train import lr_factor, main
-from tests.train_helpers import REPO, TINY_QA, mean, read_metrics, tiny_config, write_sharp_teacher
+from tests.train_helpers import (
+    REPO,
+    TINY_QA,
+    kill_and_resume,
+    mean,
+    read_metrics,
+    tiny_config,
+    write_sharp_teacher,
+)
 
 F32 = torch.float32
 
@@ -197,33 +204,9 @@ def test_checkpoint_is_a_loadable_adapter_in_original_naming(sharp, tmp_path):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_run(sharp, tmp_path, monkeypatch):
-    """A run that dies inside step 7 (checkpoints at 3 and 6) and is resumed with resume=auto gives
-    the same losses at every step and the same adapter as one uninterrupted run. LoRA dropout is on,
-    so the RNG states are restored too. A half-written checkpoint directory is ignored."""
-    opts = ("train.max_steps=9", "train.save_every=3", "train.lora.dropout=0.1")
-    main(tiny_config(sharp, tmp_path / "straight", *opts))
-    calls = {"n": 0}
-    distill = OBJECTIVES["distill"]
-
-    def dies_in_step_7(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("killed")
-        return distill.step(*args)
-
-    monkeypatch.setitem(OBJECTIVES, "distill", dataclasses.replace(distill, step=dies_in_step_7))
-    run = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        main(tiny_config(sharp, run, *opts))
-    monkeypatch.setitem(OBJECTIVES, "distill", distill)
-    (run / ".checkpoint-000009.tmp" / "state").mkdir(parents=True)  # a save cut short
-    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000003", "checkpoint-000006"]
-    main(tiny_config(sharp, run, *opts))
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(run)
-    assert [r["step"] for r in resumed] == list(range(1, 10))
-    for a, b in zip(straight, resumed, strict=True):
-        assert a["loss"] == b["loss"] and a["kl"] == b["kl"] and a["lr"] == b["lr"], (a, b)
-    assert _max_diff(_adapter(tmp_path / "straight", 9), _adapter(run, 9)) == 0.0
+    """distill killed inside step 7 and resumed: the same numbers at every step (loss, kl, lr, ...)
+    and the same adapter as one uninterrupted run (tests/train_helpers.py::kill_and_resume)."""
+    kill_and_resume("distill", lambda out, *o: tiny_config(sharp, out, *o), tmp_path, monkeypatch)
 
 
 def test_accumulation_equals_one_bigger_micro_batch(sharp, tmp_path):

@@ -58,11 +58,12 @@ def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
-def kill_and_resume(objective: str, config, tmp_path: Path, monkeypatch) -> None:
+def kill_and_resume(objective: str, config, tmp_path: Path, monkeypatch, lora: bool = True) -> None:
     """Assert that a run of `objective` killed inside step 7 (checkpoints at 3 and 6) and resumed
     with resume=auto logs the same numbers at every step and ends with the same adapter as one
     uninterrupted run. `config(output_dir, *overrides)` builds the RunConfig. LoRA dropout is on,
-    so the RNG states are restored too; a half-written checkpoint directory is ignored."""
+    so the RNG states are restored too; a half-written checkpoint directory is ignored. `lora`:
+    compare the adapters (else every weight of the fully fine-tuned model)."""
     import dataclasses
 
     from safetensors.torch import load_file
@@ -100,7 +101,9 @@ def kill_and_resume(objective: str, config, tmp_path: Path, monkeypatch) -> None
         assert {k: v for k, v in a.items() if k not in timing} == {
             k: v for k, v in b.items() if k not in timing
         }, (a, b)
-    name = "checkpoint-000009/adapter/adapter_model.safetensors"
+    name = "checkpoint-000009/" + (
+        "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"
+    )
     want, got = load_file(tmp_path / "straight" / name), load_file(run / name)
     assert want.keys() == got.keys()
     assert all(bool((want[k] == got[k]).all()) for k in want)
