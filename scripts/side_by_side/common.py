@@ -57,3 +57,20 @@ def save(name: str, obj) -> None:
 
 def load(name: str):
     return json.loads(result_path(name).read_text())
+
+
+def per_prompt(model, generate, ids: list[list[int]], cfg) -> list[dict]:
+    """d2f's side of a run: each prompt decoded alone by `generate` (d2f's, passed in: this module
+    imports no d2f), its tokens and its model calls (a forward hook, checked to equal DecodeStats)."""
+    calls = [0]
+    hook = model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    rows = []
+    try:
+        for p in ids:
+            calls[0] = 0
+            o = generate(model, [p], cfg)
+            assert calls[0] == o.stats.forwards, (calls[0], o.stats.forwards)
+            rows.append({"tokens": o.tokens[0], "forwards": calls[0]})
+    finally:
+        hook.remove()
+    return rows

@@ -10,7 +10,7 @@ Also writes the teacher's logits on a few full sequences for the peer side's mod
 from pathlib import Path
 
 import torch
-from common import CKPT_ROOT, FIRST_ID, result_path, save
+from common import CKPT_ROOT, FIRST_ID, per_prompt, result_path, save
 from dinfer_settings import BLOCK, CKPT, GEN, N_PROMPTS, SETTINGS
 
 from d2f.decoding import DecodeConfig, encode_prompts, generate
@@ -44,19 +44,11 @@ def main() -> None:
     with torch.no_grad():
         logits = [model(torch.tensor([p])).logits[0] for p in probe]
     torch.save({"ids": probe, "logits": logits}, result_path(f"dinfer_logits_{CKPT}", "pt"))
-    calls = [0]
-    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     out = {"ckpt": str(path), "block": BLOCK, "gen": GEN, "ids": ids}
     out |= {"mask_id": family.mask_token_id, "end_ids": list(family.end_token_ids), "runs": {}}
     for name, opts in SETTINGS:
         cfg = DecodeConfig(strategy="dinfer", block_size=BLOCK, max_new_tokens=GEN, options=opts)
-        rows = []
-        for p in ids:
-            calls[0] = 0
-            o = generate(model, [p], cfg)
-            assert calls[0] == o.stats.forwards, (calls[0], o.stats.forwards)
-            rows.append({"tokens": o.tokens[0], "forwards": calls[0]})
-        out["runs"][name] = rows
+        rows = out["runs"][name] = per_prompt(model, generate, ids, cfg)
         print(f"d2f dinfer {name}: {sum(r['forwards'] for r in rows)} forwards, {len(ids)} prompts")
     save(f"ours_dinfer_{CKPT}", out)
 

@@ -7,7 +7,7 @@ hook, checked against `stats.forwards`; the prefill counts as one).
 """
 
 import torch
-from common import CKPT_ROOT, save
+from common import CKPT_ROOT, per_prompt, save
 from jacobi_settings import GEN, N_PROMPTS, SETTINGS
 
 from d2f.decoding import DecodeConfig, encode_prompts, generate
@@ -23,8 +23,6 @@ def main() -> None:
     family = family_of(model)
     ar = DecodeConfig(strategy="ar", block_size=1, max_new_tokens=GEN)
     ids = encode_prompts([p.question for p in problems("add2", "test", N_PROMPTS)], tok, family, ar)
-    calls = [0]
-    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     out = {"ckpt": str(path), "gen": GEN, "ids": ids, "end_ids": list(family.end_token_ids)}
     out |= {"pad_id": family.pad_token_id, "runs": {}}
     todo = [("ar", ar)] + [
@@ -32,13 +30,7 @@ def main() -> None:
         for name, o in SETTINGS
     ]
     for name, cfg in todo:
-        rows = []
-        for p in ids:
-            calls[0] = 0
-            o = generate(model, [p], cfg)
-            assert calls[0] == o.stats.forwards, (calls[0], o.stats.forwards)
-            rows.append({"tokens": o.tokens[0], "forwards": calls[0]})
-        out["runs"][name] = rows
+        rows = out["runs"][name] = per_prompt(model, generate, ids, cfg)
         print(f"d2f {name}: {sum(r['forwards'] for r in rows)} forwards, {len(ids)} prompts")
     save("ours_jacobi", out)
 
