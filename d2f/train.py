@@ -23,7 +23,6 @@ whole batch from one generator, so the run does not depend on how it is split ov
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 
 from d2f.checkpoint import (
@@ -54,6 +53,7 @@ from d2f.config import (
 )
 from d2f.data import Encoded, EpochSampler, TokenBatch, collate, encode_records, load_records
 from d2f.family import Family, detect_spec
+from d2f.launch import check_launch, make_accelerator
 from d2f.metrics import MetricsLog
 from d2f.models import (
     adopt_config,
@@ -152,70 +152,6 @@ def build_trainable(cfg: RunConfig, objective: Objective, raw, tokenizer, resume
     return model
 
 
-def check_launch(accelerator, tc: TrainConfig) -> None:
-    """Refuse a launch whose processes or engine settings are not what the run says.
-
-    * WORLD_SIZE processes were started but accelerate sees another count (FSDP or DeepSpeed on a
-      CPU without gloo: every process trains alone, into the same directory).
-    * Several processes under no distributed backend (nothing would synchronise them).
-    * DeepSpeed: its micro-batch, accumulation and gradient clipping come from the trainer; a
-      launch file that sets them otherwise is refused (accelerate's `clip_grad_norm_` ignores
-      `max_norm` under DeepSpeed, so the launch file's `gradient_clipping` would win silently).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != world:
-        raise RuntimeError(
-            f"{world} processes were launched (WORLD_SIZE) but accelerate sees "
-            f"{accelerator.num_processes} ({accelerator.distributed_type}): they would train "
-            "unsynchronised copies into one directory; on a CPU use `train.sh --launcher cpu` "
-            "(DDP) or zero2"
-        )
-    if world > 1 and accelerator.distributed_type == DistributedType.NO:
-        raise RuntimeError(
-            f"{world} processes but accelerate set up no distributed backend (distributed_type NO;"
-            " accelerate 1.15 runs FSDP only on GPU-like devices): nothing would keep them in sync"
-        )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, tc)
-    if accelerator.gradient_accumulation_steps != tc.grad_accum:
-        raise ValueError(
-            f"train.grad_accum={tc.grad_accum} but the accelerate config accumulates "
-            f"{accelerator.gradient_accumulation_steps}: remove gradient_accumulation_steps there"
-        )
-
-
-def configure_deepspeed(ds_config: dict, tc: TrainConfig) -> None:
-    """Fill DeepSpeed's micro-batch and clipping from the trainer (where "auto" or unset); refuse
-    a launch file value that disagrees. `ds_config` is the plugin's `deepspeed_config` dict."""
-    wanted = {
-        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", tc.micro_batch_size),
-        "gradient_clipping": ("train.clip_grad_norm", max(tc.clip_grad_norm, 0.0)),
-    }
-    for ds_key, (key, value) in wanted.items():
-        have = ds_config.get(ds_key, "auto")
-        if have == "auto":
-            ds_config[ds_key] = value
-        elif float(have) != float(value):
-            raise ValueError(
-                f"{key}={value} but the DeepSpeed launch file sets {ds_key}={have}: remove it "
-                "there (the trainer sets it) or use the same value"
-            )
-    if tc.on_nonfinite == "skip":
-        raise ValueError(
-            "train.on_nonfinite=skip is not supported under DeepSpeed: its engine steps the "
-            "optimizer inside backward, before the loss can be checked; use stop"
-        )
-
-
-def _accelerator(tc: TrainConfig) -> Accelerator:
-    # NOTE: on a CPU, accelerate 1.15 leaves the process-group backend unset for DeepSpeed, so
-    # every process believes it is alone: name gloo explicitly when there is no GPU.
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(gradient_accumulation_steps=tc.grad_accum, kwargs_handlers=handlers)
-
-
 @dataclass
 class Run:
     """Everything one training run holds between steps (built by `setup`)."""
@@ -263,7 +199,7 @@ def setup(cfg: RunConfig) -> Run | None:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    accelerator = _accelerator(tc)
+    accelerator = make_accelerator(tc)
     check_launch(accelerator, tc)
     set_seed(tc.seed, device_specific=True)  # dropout differs per process; LoRA init is broadcast
     say = accelerator.print

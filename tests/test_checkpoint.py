@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from d2f.checkpoint import CheckpointError, list_checkpoints
 from d2f.data import EpochSampler, encode_records, load_records
 from d2f.family import detect_spec
+from d2f.launch import check_launch
 from d2f.models import load_tokenizer, read_config
 from d2f.objectives import OBJECTIVES
-from d2f.train import check_launch, main
+from d2f.train import main
 from tests.train_helpers import read_metrics, tiny_config
 
 RUN = ("train.max_steps=4", "train.save_every=2")
