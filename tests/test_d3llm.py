@@ -20,7 +20,7 @@ from d2f.decoding.d3llm import D3LLMOptions, Pass, plan_cache, skipped_blocks
 from d2f.family import family_of
 from d2f.mask import to_additive
 from d2f.models import load_model
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, random_prompts
 
 BS, G = 8, 32
 
@@ -39,11 +39,6 @@ def models(tmp_path_factory):
             model.lm_head.weight[end] += bias * model.lm_head.weight.std() * 60
         made[fam] = model
     return made
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def _logits(model, fam, x):
@@ -166,7 +161,7 @@ def test_matches_released_rule(models, fam, case):
     model = models[fam]
     cfg = _cfg(threshold=thr, early_stop=stop, tau_add=add, tau_act=act)
     most = multi = 0
-    for p in _prompts():
+    for p in random_prompts():
         out = generate(model, [p], cfg, record=True)
         want, forwards = ref_d3llm(model, p, thr, add, act, fam, stop)
         assert out.tokens[0] == want
@@ -181,7 +176,7 @@ def test_matches_released_rule(models, fam, case):
 def test_add_activate_one_is_block_by_block_entropy(models, fam, thr):
     model = models[fam]
     cfg = _cfg(threshold=thr, early_stop=False, tau_add=1.0, tau_act=1.0)
-    for p in _prompts():
+    for p in random_prompts():
         out = generate(model, [p], cfg)
         want, forwards = ref_semi_ar_entropy(model, p, thr, fam)
         assert (out.tokens[0], out.stats.forwards) == (want, forwards)
@@ -190,7 +185,7 @@ def test_add_activate_one_is_block_by_block_entropy(models, fam, thr):
 
 def test_rule_option_overrides_the_family(models):
     model = models["llada"]
-    p = _prompts()[0]
+    p = random_prompts()[0]
     out = generate(model, [p], _cfg(threshold=1.0, rule="dream"))
     assert (out.tokens[0], out.stats.forwards) == ref_d3llm(model, p, 1.0, 0.1, 0.95, "dream", True)
     llada = generate(model, [p], _cfg(threshold=1.0))
@@ -200,8 +195,10 @@ def test_rule_option_overrides_the_family(models):
 def test_early_stop_saves_forwards(models):
     model = models["dream"]
     cfg = _cfg(threshold=1.0)
-    with_stop = generate(model, _prompts(), cfg)
-    without = generate(model, _prompts(), dataclasses.replace(cfg, options={"early_stop": False}))
+    with_stop = generate(model, random_prompts(), cfg)
+    without = generate(
+        model, random_prompts(), dataclasses.replace(cfg, options={"early_stop": False})
+    )
     ended = [r.hit_end for r in with_stop.stats.rows]
     assert any(ended)  # the end bias makes rows end: the early stop is exercised
     for r_stop, r_full in zip(with_stop.stats.rows, without.stats.rows, strict=True):
@@ -214,7 +211,7 @@ def test_early_stop_saves_forwards(models):
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 def test_batch_equals_alone_and_finished_rows_stop(models, fam):
     model = models[fam]
-    prompts = _prompts((5, 9, 3, 12), seed=1)
+    prompts = random_prompts((5, 9, 3, 12), seed=1)
     cfg = _cfg(threshold=1.0)
     counter = Counter(model)
     try:
@@ -418,7 +415,7 @@ def test_kv_matches_released_loop(models, lengths, fam, case):
         refresh_interval=interval,
     )  # fmt: skip
     windows = []
-    for p in _prompts():
+    for p in random_prompts():
         want, forwards, want_lens = ref_d3llm_kv(
             model, p, thr, add, act, fam, delay, interval, stop
         )
@@ -440,7 +437,7 @@ def test_kv_schedule_worked_by_hand(models, lengths, fam):
       7: APPEND block 1 (x[P:], cache -> P + 4)  8: CACHED x[P+4:]  9, 10: REFRESH (block 2)
       11: APPEND block 2 (x[P+4:])  12: REFRESH (12 % 3)  13, 14: REFRESH (block 3)
       15: APPEND block 3 (x[P+8:])  16: CACHED x[P+12:]"""
-    model, p = models[fam], _prompts()[0]
+    model, p = models[fam], random_prompts()[0]
     cfg = DecodeConfig(
         strategy="d3llm", block_size=4, max_new_tokens=16, tau_add=1.0, tau_act=1.0,
         options={"threshold": 0.0, "early_stop": False, "cache_delay_iter": 2,
@@ -455,7 +452,7 @@ def test_kv_schedule_worked_by_hand(models, lengths, fam):
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 @pytest.mark.parametrize("interval", [1, 3, 10**4])
 def test_never_caching_is_the_no_cache_decoder(models, lengths, fam, interval):
-    model, prompts = models[fam], _prompts()
+    model, prompts = models[fam], random_prompts()
     plain = generate(model, prompts, _cfg(threshold=0.8))
     lengths[fam].seen.clear()
     kv = generate(model, prompts, _cfg(threshold=0.8, refresh_interval=interval))
@@ -470,7 +467,7 @@ def test_kv_batch_equals_alone(models, lengths, fam, delay, interval):
     """Ragged rows complete blocks at different steps, so one call mixes FULL / REFRESH / CACHED
     / APPEND rows: each row still gets its alone tokens and forwards, and the call feeds the
     longest window any row needs."""
-    model, prompts = models[fam], _prompts((5, 9, 3, 12), seed=1)
+    model, prompts = models[fam], random_prompts((5, 9, 3, 12), seed=1)
     thr = 0.8 * (DREAM_THR if fam == "dream" else 1.0)
     cfg = _cfg(
         threshold=thr, early_stop=False, cache_delay_iter=delay, refresh_interval=interval
@@ -552,7 +549,7 @@ def test_skipped_blocks_after_the_end_token():
 
 
 def test_kv_one_host_sync_per_step(models, monkeypatch):
-    model, prompts = models["llada"], _prompts()
+    model, prompts = models["llada"], random_prompts()
     cfg = _cfg(threshold=0.8, cache_delay_iter=1, refresh_interval=3)
     count = {"n": 0}
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):

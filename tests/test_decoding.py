@@ -1,4 +1,4 @@
-"""The decoders: the fast D2F pipeline against the slow reference, batching, baselines, input checks.
+"""The decoders: the fast D2F pipeline against the slow reference, batching, the baselines.
 
 Tiny random models are made confident (lm_head scaled) so that thresholds, parallel commits and
 several blocks in flight really happen; an end-token bias makes rows stop at different steps.
@@ -12,8 +12,7 @@ import torch
 from d2f.decoding import DecodeConfig, generate
 from d2f.decoding.config import KV_CACHES
 from d2f.family import family_of
-from d2f.models import load_model
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, confident_models, random_prompts
 
 SETTINGS = [  # (tau_add, tau_act, tau_conf)
     (0.1, 0.95, 0.9),
@@ -25,25 +24,7 @@ SETTINGS = [  # (tau_add, tau_act, tau_conf)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from d2f.tiny import write_tiny_checkpoint
-
-    made = {}
-    for fam in ("llada", "dream", "ar"):
-        path = write_tiny_checkpoint(tmp_path_factory.mktemp(fam), fam)
-        model, tok = load_model(path)
-        if fam != "ar":
-            with torch.no_grad():
-                model.lm_head.weight.mul_(12.0)
-                end = family_of(model).end_token_ids[0]
-                bias = {"llada": 0.0, "dream": 0.2}[fam]  # chosen so that some rows end early
-                model.lm_head.weight[end] += bias * model.lm_head.weight.std() * 12
-        made[fam] = (model, tok)
-    return made
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
+    return confident_models(tmp_path_factory)
 
 
 @pytest.mark.parametrize("kv", KV_CACHES)
@@ -53,7 +34,7 @@ def test_pipeline_equals_reference(models, fam, bs, kv):
     """Identical tokens AND identical step counts at temperature 0, batch 1 and a ragged batch 3,
     over every KV cache kind."""
     model, _ = models[fam]
-    prompts = _prompts()
+    prompts = random_prompts()
     parallel_steps = ended = 0
     for tau_add, tau_act, tau_conf in SETTINGS:
         cfg = DecodeConfig(
@@ -82,7 +63,7 @@ def test_pipeline_equals_reference(models, fam, bs, kv):
 def test_pipelining_really_overlaps_blocks(models, fam):
     model, _ = models[fam]
     cfg = DecodeConfig(block_size=4, max_new_tokens=24, tau_add=0.25, tau_act=0.75, tau_conf=0.6)
-    out = generate(model, _prompts((6,)), cfg, record=True)
+    out = generate(model, random_prompts((6,)), cfg, record=True)
     in_flight = [int(((e.block_state == 1) | (e.block_state == 2)).sum()) for e in out.trace]
     live = [int((e.block_state > 0).sum(1).max()) for e in out.trace]
     assert max(live) >= 2 and max(in_flight) >= 2
@@ -98,8 +79,8 @@ def test_pipelining_really_overlaps_blocks(models, fam):
 def test_cache_only_is_tau_add_one(models):
     model, _ = models["llada"]
     cfg = DecodeConfig(block_size=4, max_new_tokens=16, tau_conf=0.5)
-    a = generate(model, _prompts(), cfg, strategy="cache_only")
-    b = generate(model, _prompts(), cfg, tau_add=1.0)
+    a = generate(model, random_prompts(), cfg, strategy="cache_only")
+    b = generate(model, random_prompts(), cfg, tau_add=1.0)
     assert a.tokens == b.tokens and a.stats.forwards == b.stats.forwards
 
 
@@ -108,7 +89,7 @@ def test_forward_count_and_finished_rows_stop(models):
     counter = Counter(model)
     cfg = DecodeConfig(block_size=4, max_new_tokens=24, tau_add=0.1, tau_act=0.95, tau_conf=0.9)
     counter.reset()
-    out = generate(model, _prompts(), cfg)
+    out = generate(model, random_prompts(), cfg)
     assert counter.calls == out.stats.forwards
     fw = [r.forwards for r in out.stats.rows]
     assert out.stats.rows[2].hit_end and fw[2] < max(fw), "an ended row kept costing forwards"
@@ -133,7 +114,7 @@ def test_no_separate_prefill_call(models, fam, strategy, kv):
         strategy=strategy, block_size=4, max_new_tokens=16, tau_add=0.25, tau_act=0.75, kv_cache=kv
     )
     run_cfg = dataclasses.replace(cfg, tau_add=1.0) if strategy == "cache_only" else cfg
-    prompts = _prompts((5, 9, 3, 7))
+    prompts = random_prompts((5, 9, 3, 7))
     try:
         for p in prompts:
             answer, steps = reference_decode_row(model, p, run_cfg, family)
@@ -156,7 +137,7 @@ def test_one_host_sync_per_step(models, monkeypatch, kv):
     cfg = DecodeConfig(
         block_size=4, max_new_tokens=24, tau_add=0.25, tau_act=0.75, tau_conf=0.6, kv_cache=kv
     )
-    prompts = _prompts()
+    prompts = random_prompts()
     generate(model, prompts, cfg)  # warm up
     count = {"n": 0}
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
@@ -193,7 +174,7 @@ def test_batch_equals_alone(models, fam, strategy, kv):
         tau_conf=0.6,
         kv_cache=kv,
     )
-    prompts = _prompts()
+    prompts = random_prompts()
     out = generate(model, prompts, cfg)
     assert out.tokens == [generate(model, [p], cfg).tokens[0] for p in prompts]
 
@@ -202,12 +183,12 @@ def test_vanilla_steps(models):
     model, _ = models["llada"]
     counter = Counter(model)
     out = generate(
-        model, _prompts(), DecodeConfig(strategy="vanilla", block_size=4, max_new_tokens=16)
+        model, random_prompts(), DecodeConfig(strategy="vanilla", block_size=4, max_new_tokens=16)
     )
     assert out.stats.forwards == 16 and counter.calls == 16  # one token per step, full length
     out = generate(
         model,
-        _prompts(),
+        random_prompts(),
         DecodeConfig(strategy="vanilla", block_size=4, max_new_tokens=16, steps_per_block=2),
         record=True,
     )
@@ -219,12 +200,12 @@ def test_fast_dllm_commits_above_threshold(models):
     model, _ = models["dream"]
     low = generate(
         model,
-        _prompts(),
+        random_prompts(),
         DecodeConfig(strategy="fast_dllm", block_size=8, max_new_tokens=16, tau_conf=0.15),
     )
     high = generate(
         model,
-        _prompts(),
+        random_prompts(),
         DecodeConfig(strategy="fast_dllm", block_size=8, max_new_tokens=16, tau_conf=1.0),
     )
     assert high.stats.forwards == 16  # nothing passes tau_conf = 1: one token per step
@@ -235,7 +216,7 @@ def test_fast_dllm_commits_above_threshold(models):
 def test_ar_matches_naive_greedy(models, kv):
     """AR with KV cache and batching == argmax over a full causal recompute, one row at a time."""
     model, tok = models["ar"]
-    prompts = _prompts((4, 7))
+    prompts = random_prompts((4, 7))
     cfg = DecodeConfig(strategy="ar", block_size=4, max_new_tokens=12, kv_cache=kv)
     out = generate(model, prompts, cfg)
     ends = family_of(model).end_token_ids
@@ -264,181 +245,8 @@ def test_sampling_seeded(models, strategy):
         seed=1,
     )
     torch.manual_seed(0)
-    a = generate(model, _prompts(), cfg)
+    a = generate(model, random_prompts(), cfg)
     torch.manual_seed(1)
-    b = generate(model, _prompts(), cfg)
-    c = generate(model, _prompts(), cfg, seed=2)
+    b = generate(model, random_prompts(), cfg)
+    c = generate(model, random_prompts(), cfg, seed=2)
     assert a.tokens == b.tokens and a.tokens != c.tokens
-
-
-def test_string_prompts_and_chat_template(models):
-    model, tok = models["llada"]
-    seen = []
-    out = generate(
-        model,
-        ["how many apples ?"],
-        DecodeConfig(block_size=4, max_new_tokens=8),
-        tokenizer=tok,
-        on_step=seen.append,
-    )
-    assert isinstance(out.texts[0], str) and len(seen) == out.stats.rows[0].forwards
-    from d2f.decoding import prepare_prompts
-
-    ids = prepare_prompts(["how many apples ?"], tok, family_of(model), DecodeConfig(), 4096)[0]
-    assert ids[0] == tok.bos_token_id and tok.convert_tokens_to_ids("<|start_header_id|>") in ids
-    plain = prepare_prompts(
-        ["how many apples ?"], tok, family_of(model), DecodeConfig(chat=False), 4096
-    )
-    assert tok.convert_tokens_to_ids("<|start_header_id|>") not in plain[0]
-
-
-@pytest.mark.parametrize(
-    "prompts,kwargs,match",
-    [
-        ([], {}, "non-empty list"),
-        ([[]], {}, "prompt 0 is empty"),
-        ([list(range(10, 60))], {"max_length": 40}, "prompt 0 has 50 tokens"),
-        (["text"], {}, "pass tokenizer"),
-        ([[10, 10**6]], {}, "token id 1000000 .position 1. is outside the vocabulary"),
-        ([[1, -3, 4]], {}, "token id -3 .position 1. is outside the vocabulary"),
-        ([[10, 11]], {"max_length": 10**6}, "max_length=1000000 is larger than the model's"),
-        ([[10, 11]], {"max_length": 8}, "leaves no room for a prompt"),
-    ],
-)
-def test_bad_input_fails_before_any_forward(models, prompts, kwargs, match):
-    model, _ = models["llada"]
-    counter = Counter(model)
-    with pytest.raises(ValueError, match=match):
-        generate(model, prompts, DecodeConfig(block_size=4, max_new_tokens=8, **kwargs))
-    assert counter.calls == 0
-
-
-def test_bad_config_values():
-    for kwargs, match in [
-        ({"block_size": 0}, "block_size"),
-        ({"tau_add": 1.5}, "tau_add"),
-        ({"tau_conf": -0.1}, "tau_conf"),
-        ({"strategy": "beam"}, "strategy"),
-        ({"max_new_tokens": 2, "block_size": 4}, "max_new_tokens"),
-        ({"temperature": float("inf")}, "temperature must be a finite number"),
-        ({"top_p": float("nan")}, "top_p must be a finite number"),
-        ({"max_length": 0}, "max_length must be > 0"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            DecodeConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"block_size": 4.0}, "block_size must be an int, got 4.0 .float."),
-        ({"block_size": True}, "block_size must be an int, got True .bool."),
-        ({"block_size": "4"}, "block_size must be an int, got '4' .str."),
-        ({"max_new_tokens": 16.5}, "max_new_tokens must be an int or None"),
-        ({"seed": 1.5}, "seed must be an int or None"),
-        ({"temperature": "0.7"}, "temperature must be a number"),
-        ({"tau_conf": True}, "tau_conf must be a number"),
-        ({"truncate_prompt": "yes"}, "truncate_prompt must be True or False"),
-        ({"chat": 1}, "chat must be True, False or None"),
-    ],
-)
-def test_config_types_named(kwargs, match):
-    with pytest.raises(TypeError, match=match):
-        DecodeConfig(**kwargs)
-
-
-def test_default_length_fits_the_context(models):
-    """max_new_tokens=None: the most whole blocks that fit after the longest prompt, <= 512."""
-    model, _ = models["llada"]
-    prompts = [list(range(10, 40)), [10, 11]]  # longest: 30 tokens
-    out = generate(model, prompts, DecodeConfig(block_size=8, max_length=100), record=True)
-    assert out.trace[0].answer.shape[1] == 64  # 70 positions left -> 8 blocks of 8
-    out = generate(model, [[10, 11]], DecodeConfig(block_size=8), record=True)
-    assert out.trace[0].answer.shape[1] == 504  # the model's context: 512 - 2 = 510 -> 63 blocks
-    from d2f.decoding import fit_to_context
-
-    _, cfg = fit_to_context([[10, 11]], DecodeConfig(block_size=24), 4096)
-    assert cfg.max_new_tokens == 504  # the paper's cap, 512, in whole blocks of 24
-    with pytest.raises(ValueError, match="less than one block.*truncate_prompt=True"):
-        generate(model, [list(range(10, 60))], DecodeConfig(block_size=8, max_length=54))
-    cut = generate(model, [list(range(10, 60))], block_size=8, max_length=54, truncate_prompt=True)
-    assert cut.stats.rows[0].forwards > 0  # the hint works: one block, the prompt's last 46
-
-
-def test_impossible_length_hint_works(models):
-    """A max_new_tokens that fills the context names a value that fits (truncate_prompt cannot
-    help), and that value then works."""
-    model, _ = models["llada"]
-    cfg = DecodeConfig(block_size=8, max_new_tokens=128, max_length=128)
-    for truncate in (False, True):
-        with pytest.raises(ValueError, match="use max_new_tokens at most 120") as err:
-            generate(model, [[10, 11]], cfg, truncate_prompt=truncate)
-        assert "truncate_prompt" not in str(err.value)
-    assert generate(model, [[10, 11]], cfg, max_new_tokens=120).stats.forwards > 0
-
-
-def test_prompt_with_the_mask_id_warns(models):
-    model, _ = models["llada"]
-    mask = family_of(model).mask_token_id
-    with pytest.warns(
-        UserWarning, match=f"prompt 1 contains the mask token id {mask} at positions .2."
-    ):
-        generate(model, [[10, 11], [10, 11, mask]], DecodeConfig(block_size=4, max_new_tokens=8))
-
-
-@pytest.mark.parametrize("strategy", ["d2f", "reference", "vanilla", "fast_dllm"])
-def test_nan_weights_warn(tiny_dir, strategy):
-    """NaN weights -> NaN logits -> token 0 (an end token) everywhere: an empty answer, which
-    must not come silently."""
-    model, _ = load_model(tiny_dir("llada"))
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="NaN or infinite logits in [1-9]"):
-        out = generate(
-            model, [[10, 11]], DecodeConfig(strategy=strategy, block_size=4, max_new_tokens=8)
-        )
-    assert out.tokens == [[]]
-
-
-def test_no_future_or_deprecation_warning(models):
-    """Every strategy runs without FutureWarning/DeprecationWarning (transformers 5.24 renamed
-    the forward's `past_key_values` to `cache`)."""
-    import warnings
-
-    cfg = DecodeConfig(block_size=4, max_new_tokens=8)
-    runs = [(models["llada"][0], s) for s in ("d2f", "vanilla", "fast_dllm", "reference")]
-    runs.append((models["ar"][0], "ar"))
-    for model, strategy in runs:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
-            warnings.simplefilter("error", DeprecationWarning)
-            generate(model, [[10, 11, 12]], cfg, strategy=strategy)
-
-
-def test_long_prompt_truncated_when_asked(models):
-    model, _ = models["llada"]
-    long = list(range(10, 60))
-    out = generate(
-        model,
-        [long],
-        DecodeConfig(block_size=4, max_new_tokens=8, max_length=40, truncate_prompt=True),
-    )
-    short = generate(model, [long[-32:]], DecodeConfig(block_size=4, max_new_tokens=8))
-    assert out.tokens == short.tokens
-
-
-def test_model_family_mismatch(models):
-    ar, _ = models["ar"]
-    with pytest.raises(ValueError, match="needs a dLLM"):
-        generate(ar, [[10, 11]], DecodeConfig(block_size=4, max_new_tokens=8))
-    llada, _ = models["llada"]
-    with pytest.raises(ValueError, match="autoregressive model"):
-        generate(llada, [[10, 11]], DecodeConfig(strategy="ar", block_size=4, max_new_tokens=8))
-    no_mask = dataclasses.replace(family_of(llada), mask_token_id=None)
-    old = llada.d2f_family
-    llada.d2f_family = no_mask
-    try:
-        with pytest.raises(ValueError, match="no mask token"):
-            generate(llada, [[10, 11]], DecodeConfig(block_size=4, max_new_tokens=8))
-    finally:
-        llada.d2f_family = old

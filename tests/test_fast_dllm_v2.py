@@ -15,7 +15,7 @@ from d2f.decoding.config import parse_options
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, position_ids, to_additive
 from d2f.models import load_model
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, random_prompts
 
 THRESHOLDS = (0.3, 0.5, 0.9)
 SHARPEN = 40.0  # x12 (tests/test_decoding.py) is too flat for 2-token sub-blocks to commit both
@@ -34,11 +34,6 @@ def models(tmp_path_factory):
             model.lm_head.weight[end] += bias * model.lm_head.weight.std()
         made[fam] = model
     return made
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def _cfg(bs=4, sbs=2, thr=0.6, n=16, **kw):
@@ -107,7 +102,7 @@ def _reference(model, prompt, bs, sbs, thr, n):
 def test_equals_full_recompute_reference(models, fam, bs, sbs):
     """Exact block cache => the same tokens as recomputing the block-causal sequence each step."""
     model = models[fam]
-    prompts = _prompts()
+    prompts = random_prompts()
     parallel = ended = 0
     for thr in THRESHOLDS:
         out = generate(model, prompts, _cfg(bs, sbs, thr, n=24))
@@ -129,7 +124,7 @@ def test_sub_block_equal_to_block_is_cache_only_on_llada(models, thr):
     v2_cfg = _cfg(bs=4, sbs=4, thr=thr, n=16)
     co_cfg = DecodeConfig(strategy="cache_only", block_size=4, max_new_tokens=16, tau_conf=thr)
     parallel = 0
-    for p in _prompts((5, 9, 3, 7)):
+    for p in random_prompts((5, 9, 3, 7)):
         v2, co = generate(model, [p], v2_cfg), generate(model, [p], co_cfg)
         assert v2.tokens == co.tokens
         row = v2.stats.rows[0]
@@ -145,7 +140,7 @@ def test_sub_blocks_decode_in_order(models, fam):
     """Each step commits >= 1 token, all inside one sub-block; a sub-block starts only when the
     one before it is complete; Dream's block starts with its one forward-free AR token."""
     model = models[fam]
-    out = generate(model, _prompts((6,)), _cfg(bs=8, sbs=2, thr=0.3, n=24), record=True)
+    out = generate(model, random_prompts((6,)), _cfg(bs=8, sbs=2, thr=0.3, n=24), record=True)
     mask = family_of(model).mask_token_id
     seen = set()
     for e in out.trace:
@@ -167,7 +162,7 @@ def test_batch_equals_alone_and_forwards_counted(models, fam):
     model = models[fam]
     counter = Counter(model)
     try:
-        prompts = _prompts((5, 9, 3, 12))
+        prompts = random_prompts((5, 9, 3, 12))
         for thr in (0.3, 0.9):
             cfg = _cfg(bs=4, sbs=2, thr=thr, n=24)
             counter.calls = 0
@@ -203,7 +198,7 @@ def test_options_validated_before_any_forward(models):
     counter = Counter(model)
     try:
         with pytest.raises(ValueError, match="sub_block_size=3 must divide block_size=4"):
-            generate(model, _prompts(), _cfg(bs=4, sbs=3))
+            generate(model, random_prompts(), _cfg(bs=4, sbs=3))
         assert counter.calls == 0
     finally:
         counter.handle.remove()
@@ -224,7 +219,7 @@ def test_block_cache_with_one_sub_block_is_exact(models, fam):
     """With one sub-block per block, a stale-cache step feeds the whole block: every key is
     fresh, so use_block_cache changes nothing (the stale keys of the slot must be left out)."""
     model = models[fam]
-    prompts = _prompts((5, 9, 3))
+    prompts = random_prompts((5, 9, 3))
     for thr in (0.3, 0.9):
         exact = generate(model, prompts, _cfg(bs=4, sbs=4, thr=thr, n=24))
         cfg = DecodeConfig(
@@ -244,7 +239,7 @@ def test_block_cache_batch_equals_alone(models, fam):
     a ragged batch mixes refreshing and stale rows in one call and still gives each row its
     alone tokens; sub-block-only calls (the saving) really happen."""
     model = models[fam]
-    prompts = _prompts((5, 9, 3, 12))
+    prompts = random_prompts((5, 9, 3, 12))
     seen, handle = _lengths(model)
     try:
         for thr in (0.3, 0.9):

@@ -19,7 +19,7 @@ from d2f.decoding.freedave import draft_and_verify
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, to_additive
 from d2f.models import load_model
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, random_prompts
 
 CACHES = ("none", "prefix", "dual", "exact")
 TEACHER = Path(__file__).resolve().parents[1] / "d2f" / "tinyworld" / "assets" / "teacher"
@@ -35,11 +35,6 @@ def models(tiny_dir):
             model.lm_head.weight.mul_(12.0)
         made[fam] = (model, Counter(model))
     return made
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def _static_cfg(cache: str, bs: int, new: int = 16, early: bool = True) -> DecodeConfig:
@@ -93,7 +88,7 @@ BS_CACHE = [
 @pytest.mark.parametrize("bs, cache", BS_CACHE)
 def test_freedave_gives_static_tokens_in_fewer_forwards(models, family_name, bs, cache):
     model, counter = models[family_name]
-    prompts = _prompts((9, 3))  # ragged
+    prompts = random_prompts((9, 3))  # ragged
     static = _run(model, counter, prompts, _static_cfg(cache, bs))
     static_rows = [r.forwards for r in static.stats.rows]
     for D in (1, 2, 4):
@@ -154,7 +149,7 @@ def test_every_call_lands_on_a_static_state(models, family_name, cache):
     """Brute force: static's answer after every step; FreeDave's answer after every call is one
     of them, in order, and both end in the same answer (no early exit: every block decoded)."""
     model, counter = models[family_name]
-    prompts, bs, new = _prompts(), 4, 16
+    prompts, bs, new = random_prompts(), 4, 16
     out = _run(model, counter, prompts, _cfg(cache, bs, 4, new, early=False), record=True)
     if cache == "exact":
         static = [_brute_static_exact(model, p, bs, new) for p in prompts]
@@ -180,7 +175,7 @@ SOME_CACHES = [pytest.param(c, marks=pytest.mark.slow) for c in ("none", "prefix
 @pytest.mark.parametrize("cache", SOME_CACHES)
 def test_batched_equals_alone(models, family_name, cache):
     model, counter = models[family_name]
-    prompts, cfg = _prompts(), _cfg(cache, 4, 4)
+    prompts, cfg = random_prompts(), _cfg(cache, 4, 4)
     batched = _run(model, counter, prompts, cfg)
     for i, p in enumerate(prompts):
         alone = _run(model, counter, [p], cfg)
@@ -270,4 +265,4 @@ def test_options():
 def test_sampling_is_refused(models):
     model, _ = models["llada"]
     with pytest.raises(ValueError, match="temperature 0"):
-        generate(model, _prompts()[:1], _cfg("dual", 4, 4), temperature=0.5)
+        generate(model, random_prompts()[:1], _cfg("dual", 4, 4), temperature=0.5)

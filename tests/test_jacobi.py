@@ -16,7 +16,7 @@ from d2f.family import family_of
 from d2f.models import load_model
 from d2f.tinyworld.pretrain import ASSETS
 from d2f.tinyworld.task import records
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, random_prompts
 
 CAP = 24  # max_new_tokens: not a multiple of chunk 5 (the last chunk is cut to the room left)
 SETTINGS = [  # jacobi options: chunk sizes, 1 / 2 / 3 blocks (provisional chunks spawned early
@@ -38,11 +38,6 @@ def models(tiny_dir):
         sharp.lm_head.weight[end] += 0.3 * sharp.lm_head.weight.std() * 12  # some rows end early
     shipped, tok = load_model(ASSETS / "ar")
     return {"random": plain, "confident": sharp, "shipped": shipped, "tokenizer": tok}
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def _questions(tok, n=12):
@@ -78,7 +73,7 @@ def test_tokens_equal_ar_every_setting(models, which):
     and every row's forwards never exceed `ar`'s."""
     model = models[which]
     counter = Counter(model)
-    prompts = _prompts()
+    prompts = random_prompts()
     ar, ar_calls = _run(model, prompts, counter, strategy="ar")
     ended = sum(r.hit_end for r in ar.stats.rows)
     assert which == "random" or 0 < ended < len(prompts)  # rows really end at different steps
@@ -119,7 +114,7 @@ def test_shipped_ar_same_answers_in_fewer_forwards(models):
 def test_batched_equals_alone(models, which):
     """Each row decodes what it decodes alone: the same tokens and the same forwards."""
     model = models[which]
-    prompts = _prompts() if which == "confident" else _questions(models["tokenizer"], 4)
+    prompts = random_prompts() if which == "confident" else _questions(models["tokenizer"], 4)
     for opts in ({}, {"chunk": 4, "blocks": 2, "spawn_ratio": 0.5}):
         cfg = DecodeConfig(strategy="jacobi", block_size=4, max_new_tokens=CAP, options=opts)
         batched = generate(model, prompts, cfg)
@@ -134,7 +129,7 @@ def test_oracle_draft_accepts_a_whole_chunk_per_forward(models, n, monkeypatch):
     """Guesses that ARE greedy's continuation: the prefill's draft is the first n tokens and every
     forward accepts its whole chunk, so a row of CAP tokens takes 1 + ceil(CAP / n) forwards."""
     model = models["random"]
-    prompts = _prompts((4, 7))
+    prompts = random_prompts((4, 7))
     ar = generate(model, prompts, DecodeConfig(strategy="ar", block_size=4, max_new_tokens=CAP))
     assert all(len(t) == CAP for t in ar.tokens)  # no end token: every chunk is whole
     truth = {tuple(p): t for p, t in zip(prompts, ar.tokens, strict=True)}
@@ -181,7 +176,7 @@ def test_cache_is_a_fresh_prefill_of_the_committed_tokens(models, monkeypatch):
     opts = {"chunk": 4, "blocks": 2, "pool_size": 4, "spawn_ratio": 0.5}
     generate(
         model,
-        _prompts((4, 7)),
+        random_prompts((4, 7)),
         DecodeConfig(strategy="jacobi", block_size=4, max_new_tokens=CAP, options=opts),
     )
     assert len(checks) > 3

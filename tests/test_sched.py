@@ -15,7 +15,7 @@ from d2f.decoding.config import parse_options
 from d2f.decoding.sched import prophet_stop, prophet_threshold, sched_threshold
 from d2f.family import family_of
 from d2f.models import load_model
-from tests.decode_helpers import Counter
+from tests.decode_helpers import Counter, random_prompts
 
 INF = float("inf")
 BS, NEW = 4, 16  # 4 blocks of 4: T = 16 vanilla steps
@@ -32,11 +32,6 @@ def models(tiny_dir):
         model.register_forward_hook(lambda m, a, out, log=log: log.append(out.logits.clone()))
         made[fam] = (model, Counter(model), log)
     return made
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def _cfg(strategy, **options):
@@ -150,7 +145,7 @@ def test_options_checked_and_parsed():
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 @pytest.mark.parametrize("strategy", ["sched", "prophet"])
 def test_infinite_threshold_is_vanilla(models, fam, strategy):
-    prompts = _prompts()
+    prompts = random_prompts()
     base, _ = _run(models[fam], prompts, _cfg("vanilla"))
     inf = (
         {"tau_high": INF, "tau_low": INF}
@@ -166,7 +161,7 @@ def test_infinite_threshold_is_vanilla(models, fam, strategy):
 @pytest.mark.parametrize("fam", ["llada", "dream"])
 def test_minus_infinite_threshold_is_one_forward_of_argmax(models, fam):
     model = models[fam][0]
-    prompts = _prompts()
+    prompts = random_prompts()
     out, log = _run(models[fam], prompts, _cfg("sched", tau_high=-INF, tau_low=-INF))
     assert out.stats.forwards == 1 and len(log) == 1  # vanilla has no separate prefill
     answer = _answer_logits(model, log[0], prompts).clone()
@@ -186,7 +181,7 @@ def test_exit_step_matches_a_replay_of_the_recorded_margins(models, fam, kind):
     model = models[fam][0]
     mask_id = family_of(model).mask_token_id
     ends = set(family_of(model).end_token_ids)
-    prompts = _prompts((6, 4, 8, 5), seed=3)
+    prompts = random_prompts((6, 4, 8, 5), seed=3)
     base, log = _run(models[fam], prompts, _cfg("vanilla"), record=True)
     answers = [_answer_logits(model, logits, prompts) for logits in log]  # T x (B, G, V)
     cols = range(2, 7) if kind == "prophet" else None  # Prophet: 5 columns from answer_start 2
@@ -227,7 +222,7 @@ def test_a_lower_schedule_never_exits_later(models, fam):
     model = models[fam][0]
     earlier = 0
     for seed in range(3):
-        prompts = _prompts((4, 7, 5), seed=10 + seed)
+        prompts = random_prompts((4, 7, 5), seed=10 + seed)
         _, log = _run(models[fam], prompts, _cfg("vanilla"))
         flat = sorted(g for lg in log for g in _margin_mean(_answer_logits(model, lg, prompts)))
         scale = flat[len(flat) // 2]
@@ -252,7 +247,7 @@ def test_a_lower_schedule_never_exits_later(models, fam):
 @pytest.mark.parametrize("strategy", ["sched", "prophet"])
 def test_batched_equals_alone(models, fam, strategy):
     model = models[fam][0]
-    prompts = _prompts((5, 9, 3, 7), seed=5)
+    prompts = random_prompts((5, 9, 3, 7), seed=5)
     _, log = _run(models[fam], prompts, _cfg("vanilla"))
     flat = sorted(g for lg in log for g in _margin_mean(_answer_logits(model, lg, prompts)))
     hi, lo = flat[-len(flat) // 5], flat[len(flat) // 5]

@@ -14,6 +14,7 @@ from d2f.decoding.step import bucket, max_padding, window_buckets
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, position_ids, to_additive
 from d2f.models import load_model
+from tests.decode_helpers import random_prompts
 
 
 def _sharpened(path, fam):
@@ -35,11 +36,6 @@ def models(tmp_path_factory):
         fam: _sharpened(write_tiny_checkpoint(tmp_path_factory.mktemp(fam), fam), fam)
         for fam in ("llada", "dream")
     }
-
-
-def _prompts(n_list=(5, 9, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 100, (n,), generator=g).tolist() for n in n_list]
 
 
 def test_window_buckets():
@@ -120,7 +116,7 @@ def test_compiled_step_smoke_equals_reference(models):
     buckets 4 and 8); the ragged batches are in the slow inductor test."""
     model = models["llada"]
     cfg = DecodeConfig(block_size=4, max_new_tokens=8, tau_add=0.25, tau_act=0.75, tau_conf=0.6)
-    prompts = _prompts((5,))
+    prompts = random_prompts((5,))
     ref = generate(model, prompts, cfg, strategy="reference")
     out = generate(model, prompts, cfg, kv_cache="static", compile="eager")
     assert out.tokens == ref.tokens
@@ -135,7 +131,7 @@ def test_inductor_step_equals_eager_without_recompiling(models, fam):
     from torch._dynamo.utils import counters
 
     model = models[fam]
-    prompts = _prompts()
+    prompts = random_prompts()
     for tau_add, tau_act, tau_conf in [(0.25, 0.75, 0.6), (1.0, 0.95, 0.3)]:
         cfg = DecodeConfig(
             block_size=4, max_new_tokens=16, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf
