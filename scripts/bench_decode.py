@@ -6,7 +6,11 @@ strategy the checkpoint's family cannot run is listed as n/a.
 
 Prints, per strategy and batch size: forwards per sequence, tokens per forward (TPF), wall time
 per generated token, tokens per second, and the share of wall time spent OUTSIDE model forwards
-(the decoder's own overhead). Speed is meant to be read as ratios within one run.
+(the decoder's own overhead). Speed is meant to be read as ratios within one run. Every batch
+size decodes the same prompts (`--n`, default the largest batch size; in chunks of the batch
+size), and the batch sizes and engine variants alternate inside each repeat: `x b1` is the
+first batch size's time over this one's (the median over repeats: the throughput gain of
+batching) and `same` says whether the tokens equal the first batch size's.
 
     python scripts/bench_decode.py                       # tiny random LLaDA, CPU
     python scripts/bench_decode.py --model DIR --adapter DIR --strategies d2f vanilla
@@ -16,6 +20,9 @@ per generated token, tokens per second, and the share of wall time spent OUTSIDE
         --batch_sizes 1 8 32      # 8B-shaped (scripts/gpu_bench.sh runs this)
     python scripts/bench_decode.py --strategies d2f --kv_cache dynamic static \
         --compile off default        # the engines side by side, alternated run by run
+    python scripts/bench_decode.py --model d2f/tinyworld/assets/chain/teacher --adapter DIR \
+        --world chain --block_size 8 --max_new_tokens 48 --tau_add 0.1 --tau_act 0.95 \
+        --tau_conf 0.9 --batch_sizes 1 16 --n 64 --strategies d2f   # held-out questions
 
 `--kv_cache` and `--compile` list engine variants (`DecodeConfig.kv_cache`, `.compile`); each
 strategy runs every variant it supports, alternated within each repeat, and the table gives each
@@ -154,6 +161,13 @@ def main():
     p.add_argument("--strategies", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt_len", type=int, default=24)
+    p.add_argument(
+        "--world",
+        default=None,
+        choices=["add2", "chain"],
+        help="prompts: the miniature world's held-out questions (default: random ids)",
+    )
+    p.add_argument("--n", type=int, default=0, help="prompts (default: the largest batch size)")
     p.add_argument("--block_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--tau_add", type=float, default=0.25)
@@ -171,7 +185,7 @@ def main():
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = build(args)
+    model, tok = build(args)
     models = {family_of(model).causal: (model, ForwardTimer(model))}  # by causal-or-not
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -190,31 +204,47 @@ def main():
     )
     print(
         f"block {args.block_size}, max_new_tokens {args.max_new_tokens}, tau_add {args.tau_add}, "
-        f"tau_act {args.tau_act}, tau_conf {args.tau_conf}, prompt {args.prompt_len} tokens"
+        f"tau_act {args.tau_act}, tau_conf {args.tau_conf}, "
+        + (
+            f"{args.n or max(args.batch_sizes)} held-out {args.world} questions"
+            if args.world
+            else f"{args.n or max(args.batch_sizes)} random prompts of {args.prompt_len} tokens"
+        )
     )
     header = (
         f"{'strategy':<13}{'engine':<20}{'batch':>6}{'fwd/seq':>9}{'TPF':>7}{'ms/token':>10}"
         f"{'tok/s':>9}{'outside fwd':>13}{'x first':>9}{'first s':>9}{'graphs':>8}"
-        f"{'ms/fwd':>9}{'x floor':>9}"
+        f"{'ms/fwd':>9}{'x floor':>9}{'x b1':>7}{'same':>6}"
     )
     print(header)
     print("-" * len(header))
-    for bsz in args.batch_sizes:
-        prompts = [
-            torch.randint(10, vocab - 10, (args.prompt_len - (i % 5),), generator=g).tolist()
-            for i in range(bsz)
-        ]
-        for strategy in args.strategies:
-            causal = strategy in CAUSAL_STRATEGIES  # the strategies for autoregressive models
-            if causal not in models and not args.model:
-                other, _ = build(args, "ar" if causal else "llada")
-                models[causal] = (other, ForwardTimer(other))
-            if causal not in models:
-                kind = "an autoregressive" if causal else "a dLLM"
-                print(f"{strategy:<13}{'':<20}{bsz:>6}   n/a: needs {kind} model")
-                continue
-            model, timer = models[causal]
-            bench_strategy(args, strategy, bsz, model, timer, prompts)
+    prompts = bench_prompts(args, tok, vocab, g)
+    for strategy in args.strategies:
+        causal = strategy in CAUSAL_STRATEGIES  # the strategies for autoregressive models
+        if causal not in models and not args.model:
+            other, _ = build(args, "ar" if causal else "llada")
+            models[causal] = (other, ForwardTimer(other))
+        if causal not in models:
+            kind = "an autoregressive" if causal else "a dLLM"
+            print(f"{strategy:<13}{'':<20}{'':>6}   n/a: needs {kind} model")
+            continue
+        model, timer = models[causal]
+        bench_strategy(args, strategy, model, timer, prompts)
+
+
+def bench_prompts(args, tok, vocab: int, g: torch.Generator) -> list[list[int]]:
+    """The prompts every batch size decodes (`--n`, default the largest batch): the world's
+    held-out questions under the chat template (`--world`), else random ids."""
+    n = args.n or max(args.batch_sizes)
+    if args.world:
+        from d2f.tinyworld.race import prompt_ids
+        from d2f.tinyworld.task import problems
+
+        return [prompt_ids(tok, p.question) for p in problems(args.world, "test", n)]
+    return [
+        torch.randint(10, vocab - 10, (args.prompt_len - (i % 5),), generator=g).tolist()
+        for i in range(n)
+    ]
 
 
 def engines(args, strategy: str) -> list[tuple[str, str]]:
@@ -230,11 +260,24 @@ def engines(args, strategy: str) -> list[tuple[str, str]]:
     return out or [("dynamic", "off")]
 
 
-def bench_strategy(args, strategy, bsz, model, timer, prompts) -> None:
-    """Every engine variant of one strategy at one batch size, alternated repeat by repeat."""
+def decode_all(model, prompts, cfg, bsz: int):
+    """Every prompt decoded, `bsz` at a time -> (token lists, model calls, `RowStats` list)."""
+    tokens, forwards, rows = [], 0, []
+    for i in range(0, len(prompts), bsz):
+        out = generate(model, prompts[i : i + bsz], cfg)
+        tokens += out.tokens
+        forwards += out.stats.forwards  # a batched call counts once
+        rows += out.stats.rows
+    return tokens, forwards, rows
+
+
+def bench_strategy(args, strategy, model, timer, prompts) -> None:
+    """Every (engine variant, batch size) of one strategy over the same prompts, alternated
+    repeat by repeat; a row's time is its best repeat, its ratios are medians over repeats."""
     from torch._dynamo.utils import counters
 
     variants = engines(args, strategy)
+    runs = [(v, b) for b in args.batch_sizes for v in variants]
     cfgs, first_s, graphs = {}, {}, {}
     for kv, comp in variants:
         cfgs[kv, comp] = DecodeConfig(
@@ -249,42 +292,51 @@ def bench_strategy(args, strategy, bsz, model, timer, prompts) -> None:
             kv_cache=kv,
             compile=comp,
         )
+    for v, b in runs:  # warm-up: every shape of the timed runs (compile time when compiled)
         before = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        generate(model, prompts, cfgs[kv, comp])  # warm-up over the whole batch: every shape
-        first_s[kv, comp] = time.perf_counter() - t0
-        graphs[kv, comp] = [counters["stats"]["unique_graphs"] - before, 0]
-    walls = {v: [] for v in variants}
+        decode_all(model, prompts, cfgs[v], b)
+        first_s[v, b] = time.perf_counter() - t0
+        graphs[v, b] = [counters["stats"]["unique_graphs"] - before, 0]
+    walls = {r: [] for r in runs}
     best = {}
     for _ in range(args.repeats):
-        for v in variants:
+        for r in runs:
             before = counters["stats"]["unique_graphs"]
             timer.total = 0.0
             t0 = time.perf_counter()
-            out = generate(model, prompts, cfgs[v])
+            out = decode_all(model, prompts, cfgs[r[0]], r[1])
             wall = time.perf_counter() - t0
-            graphs[v][1] += counters["stats"]["unique_graphs"] - before
-            walls[v].append(wall)
-            if v not in best or wall < best[v][0]:
-                best[v] = (wall, timer.total, out)
-    base = variants[0]
-    for v in variants:
-        wall, in_fwd, out = best[v]
-        if out.tokens != best[base][2].tokens:
-            print(f"  NOTE: {v} tokens differ from {base}")
-        s = out.stats
-        fwd_per_seq = sum(r.forwards for r in s.rows) / len(s.rows)
-        ratio = statistics.median(a / b for a, b in zip(walls[base], walls[v], strict=True))
+            graphs[r][1] += counters["stats"]["unique_graphs"] - before
+            walls[r].append(wall)
+            if r not in best or wall < best[r][0]:
+                best[r] = (wall, timer.total, out)
+    bw = bandwidth_gbs(args, next(model.parameters()).device)
+    b1 = args.batch_sizes[0]
+
+    def median_ratio(num, den):
+        return statistics.median(x / y for x, y in zip(walls[num], walls[den], strict=True))
+
+    for v, b in runs:
+        wall, in_fwd, (tokens, forwards, rows) = best[v, b]
+        if tokens != best[variants[0], b][2][0]:
+            print(f"  NOTE: {v} tokens differ from {variants[0]} at batch {b}")
+        n_tok = sum(r.tokens for r in rows)
+        row_fwd = sum(r.forwards for r in rows)
+        ratio = median_ratio((variants[0], b), (v, b))  # the first variant's time over this one's
+        speedup = median_ratio((v, b1), (v, b))  # batch b1's time over this batch's
+        same = "yes" if tokens == best[v, b1][2][0] else "NO"
         engine = v[0] if v[1] == "off" else f"{v[0]}+{v[1]}"
         outside = "n/a" if v[1] != "off" else f"{100 * (1 - in_fwd / wall):.0f}%"
-        ms_fwd = 1e3 * wall / max(s.forwards, 1)
-        bw = bandwidth_gbs(args, next(model.parameters()).device)
+        ms_fwd = 1e3 * wall / max(forwards, 1)
         floor = f"{ms_fwd / (1e3 * weight_bytes(model) / (bw * 1e9)):.2f}" if bw else "n/a"
         print(
-            f"{strategy:<13}{engine:<20}{bsz:>6}{fwd_per_seq:>9.1f}{s.tokens_per_forward:>7.2f}"
-            f"{1e3 * wall / max(s.tokens, 1):>10.2f}{s.tokens / wall:>9.0f}"
-            f"{outside:>13}{ratio:>9.2f}{first_s[v]:>9.1f}"
-            f"{graphs[v][0]:>5}/{graphs[v][1]:<2}{ms_fwd:>9.2f}{floor:>9}"
+            f"{strategy:<13}{engine:<20}{b:>6}{row_fwd / len(rows):>9.1f}"
+            f"{sum(r.tokens_with_end for r in rows) / max(row_fwd, 1):>7.2f}"
+            f"{1e3 * wall / max(n_tok, 1):>10.2f}{n_tok / wall:>9.0f}"
+            f"{outside:>13}{ratio:>9.2f}{first_s[v, b]:>9.1f}"
+            f"{graphs[v, b][0]:>5}/{graphs[v, b][1]:<2}{ms_fwd:>9.2f}{floor:>9}"
+            f"{speedup:>7.2f}{same:>6}"
         )
 
 
