@@ -340,29 +340,45 @@ def test_vicinity_schedule_is_the_released_one(teacher, warmup):
 # ---- iteration smoothing ----
 
 
-@pytest.mark.parametrize("cache", ["none", "dual", "vicinity"])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "vicinity"])
 def test_smoothing_without_weight_is_the_annealed_threshold_decoder(teacher, monkeypatch, cache):
     """cont_weight 0: the inputs are the plain embeddings, so smoothing is the threshold decoder
-    with the threshold max(1 - 0.02 it, 0.9) at the row's forward `it` (0-based). Reference: the
-    plain decoder with its rule's threshold replaced per call, `it` from the forward hook."""
+    with the threshold max(1 - 0.02 it, 0.9) at the row's forward `it` (0-based), its idle
+    forwards included: with a cache, a refresh that completes its block is followed by one cached
+    forward that commits nothing. Reference: the plain decoder (no idle forward) with its rule's
+    threshold replaced per call, `it` = the hook's forwards so far + the idle forwards the rule
+    adds (one after each refresh, a call into an empty cache, that commits every mask left)."""
     model, tok, counter = teacher
     opts = {"cache": cache, "threshold": 0.9}
     smooth = {**opts, "smoothing": True, "cont_weight": 0.0}
     real_select = dinfer.select
+    idle = [0]
 
     def annealed_select(logits, blk, o, mask_id, threshold=None):
         assert threshold is None  # the plain decoder
-        return real_select(logits, blk, o, mask_id, max(1 - 0.02 * (counter.calls - 1), 0.9))
+        it = counter.calls - 1 + idle[0]
+        x0, chosen = real_select(logits, blk, o, mask_id, max(1 - 0.02 * it, 0.9))
+        if calls[-1][1] == 0 and bool((chosen == (blk == mask_id)).all()):
+            idle[0] += 1  # a refresh that completes its block: one idle forward follows
+        return x0, chosen
 
-    for q in QUESTIONS:  # alone: the hook counts this row's forwards
-        got = _run(model, counter, [q], _cfg(8, 48, **smooth), tokenizer=tok)
-        plain = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
-        with monkeypatch.context() as m:
-            m.setattr(dinfer, "select", annealed_select)
-            want = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
-        assert got.tokens == want.tokens
-        assert got.stats.forwards == want.stats.forwards
-        assert want.stats.forwards > plain.stats.forwards  # the anneal is not a no-op here
+    idles = 0
+    calls, handle = _record_calls(model)
+    try:
+        for q in QUESTIONS:  # alone: the hook counts this row's forwards
+            got = _run(model, counter, [q], _cfg(8, 48, **smooth), tokenizer=tok)
+            plain = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+            idle[0] = 0
+            with monkeypatch.context() as m:
+                m.setattr(dinfer, "select", annealed_select)
+                want = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+            assert got.tokens == want.tokens
+            assert got.stats.forwards == want.stats.forwards + idle[0]
+            assert want.stats.forwards > plain.stats.forwards  # the anneal is not a no-op here
+            idles += idle[0]
+    finally:
+        handle.remove()
+    assert (idles > 0) == (cache != "none")  # without a cache there is no refresh
 
 
 @pytest.mark.parametrize("cache", ["none", "vicinity"])

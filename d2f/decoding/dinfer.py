@@ -282,6 +282,11 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
     vicinity = opts.cache == "vicinity"
     kind = "dual" if vicinity else opts.cache  # the vicinity cache is a dual cache, wider
     warmup = opts.warmup_steps if vicinity else 0
+    # NOTE: theirs follows every refresh with a cached forward in the same iteration, even when
+    # the refresh completed the block (an idle forward: it commits nothing). Without smoothing
+    # it changes nothing but the count and is skipped; with smoothing it advances the anneal and
+    # rewrites the soft embeddings of the columns it covers, so it is made (and counted)
+    idle = opts.smoothing and kind != "none"
 
     def start(rows: Tensor, s: int) -> Block:
         """The rows' refresh forward: decodes, and its KV becomes their cache for the block."""
@@ -289,7 +294,7 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
         state["rows"] = rows
         return start_block(
             model, rec, batch, ids, s, bs, kind, family, choose, apply, rows,
-            window if vicinity else None, after,
+            window if vicinity else None, after, idle=idle,
         )  # fmt: skip
 
     def step(blk: Block, cache: str) -> None:
