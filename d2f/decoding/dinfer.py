@@ -30,7 +30,9 @@ Two iteration variants (`generate_uniform.py`):
   E[mask] + w_it * softmax(logits) @ E (E = `model.get_input_embeddings()`), and the commit
   threshold is annealed, with `it` the row's forwards so far:
   thr_it = max(1 - threshold_decay * it, threshold), w_it = min(cont_weight_init +
-  cont_weight_growth * it, cont_weight).
+  cont_weight_growth * it, cont_weight). With a cache, a refresh that completes its block is
+  followed, as released, by one cached forward of that block that commits nothing (the idle
+  forward): it counts in `it` and rewrites the soft embeddings of the columns it covers.
 
 Early stop (`BlockRunner`, on in every released entry point): a row whose decoded text holds an
 end token leaves at the next block start. Rows are block-synchronous and each row decodes what it
