@@ -243,14 +243,19 @@ VICINITY = {"cache": "vicinity", "prefix_look": 3, "after_look": 5, "warmup_step
             "early_stop": False,
         },
         {"smoothing": True},
+        {"smoothing": True, "cache": "prefix", "decoder": "credit", "early_stop": False},
         {**VICINITY, "smoothing": True, "decoder": "hierarchy", "early_stop": False},
     ],
-    ids=["threshold", "credit", "hierarchy", "vicinity", "vicinity-credit", "smooth", "both"],
-)
+    ids=[
+        "threshold", "credit", "hierarchy", "vicinity", "vicinity-credit", "smooth",
+        "smooth-prefix", "both",
+    ],
+)  # fmt: skip
 def test_batched_equals_alone(teacher, opts):
     """Per row the same tokens and forwards in a ragged batch as alone. With the vicinity warmup
     rows leave it at different forwards (the two vicinity cases refresh rows of the second block
-    apart, in two groups with their own caches); smoothing anneals per row."""
+    apart, in two groups with their own caches); smoothing anneals per row, and its idle forwards
+    (every smoothing case has some) run in the same calls as other rows' productive ones."""
     model, tok, counter = teacher
     qs = list(QUESTIONS[::-1])  # ragged prompts; rows end at different blocks, the first first
     cfg = _cfg(8, 48, **opts)
