@@ -25,6 +25,7 @@ from d2f.decoding.dinfer import (
     smoothed_embeddings,
     threshold_commit,
 )
+from d2f.decoding.fast_dllm import start_block
 from d2f.family import family_of
 from d2f.models import load_model
 from tests.decode_helpers import Counter
@@ -538,3 +539,9 @@ def test_refuses_what_is_not_ported(tiny_dir):
     dream, _ = load_model(tiny_dir("dream"))
     with pytest.raises(ValueError, match="shifted"):
         generate(dream, _prompts((3,)), _cfg())
+
+
+def test_idle_forward_needs_a_cache():
+    """The idle forward is a cached forward: asking for it without a cache is an error."""
+    with pytest.raises(ValueError, match="idle forward"):
+        start_block(None, None, None, None, 0, 4, "none", None, None, None, idle=True)

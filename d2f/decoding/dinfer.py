@@ -171,7 +171,8 @@ def select(
     `threshold` (a number or (b, 1) per row; None = opts.threshold).
 
     x0 is the arg-max over the full vocabulary and a position predicting the mask id is not
-    committed (the released `rm_mask`). NOTE: if that leaves a row with masks committing none
+    committed (the released `rm_mask`); a row whose block has no mask commits nothing (the idle
+    forward, as released). NOTE: if that leaves a row with masks committing none
     (every mask predicts the mask id) the released loop never ends; here the row commits its most
     confident mask with the best other token instead (d2f's rule), so decoding always ends.
     """

@@ -263,7 +263,8 @@ def start_block(
     preallocated cache to rewrite instead of a new `DynamicCache`; its columns stay in place, so
     the dual cache is the block-start buffer itself, each step rewriting its window's columns.
     idle: keep every row for at least one refinement step, also a row whose block this forward
-    completed (dInfer's idle forward: its `choose` must then commit nothing); needs a cache.
+    completed (dInfer's idle forward, under smoothing; `choose` commits nothing on a block
+    without masks); needs a cache.
     """
     if idle and cache == "none":
         raise ValueError("start_block: an idle forward is a cached forward; cache is 'none'")
