@@ -267,6 +267,42 @@ def test_batched_equals_alone(teacher, opts):
         assert alone.stats.rows[0].forwards == batched.stats.rows[i].forwards, (opts, i)
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"cache": "prefix"},
+        {"cache": "dual", "decoder": "credit"},
+        {**VICINITY, "early_stop": False},
+        {"smoothing": True, "cache": "prefix", "early_stop": False},
+        {**VICINITY, "smoothing": True, "decoder": "hierarchy", "early_stop": False},
+    ],
+    ids=["prefix", "dual-credit", "vicinity", "smooth-prefix", "smooth-vicinity"],
+)
+def test_static_cache_gives_the_dynamic_tokens(teacher, opts):
+    """kv_cache="static": every cached forward runs over a `StaticKV` (keys in column order, the
+    released layout), one buffer per refresh (the vicinity warmup refreshes the second block's
+    rows in two groups); per row the dynamic cache's tokens and forwards on a ragged batch."""
+    model, tok, counter = teacher
+    qs = list(QUESTIONS[::-1])
+    dynamic = _run(model, counter, qs, _cfg(8, 48, **opts), tokenizer=tok)
+    kinds = []
+
+    def hook(module, args, kwargs):
+        kinds.append(type(kwargs.get("cache")).__name__)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        cfg = DecodeConfig(
+            strategy="dinfer", block_size=8, max_new_tokens=48, options=opts, kv_cache="static"
+        )
+        static = _run(model, counter, qs, cfg, tokenizer=tok)
+    finally:
+        handle.remove()
+    assert static.tokens == dynamic.tokens
+    assert [r.forwards for r in static.stats.rows] == [r.forwards for r in dynamic.stats.rows]
+    assert "StaticKV" in kinds and "DynamicCache" not in kinds  # (None: vicinity warmup)
+
+
 # ---- the vicinity window ----
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows
 from d2f.decoding.config import DecodeConfig, strategy_options
 from d2f.decoding.fast_dllm import Block, refine, start_block
+from d2f.decoding.kv import make_cache
 from d2f.family import Family
 from d2f.mask import block_ids
 
@@ -290,6 +291,11 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
     # it changes nothing but the count and is skipped; with smoothing it advances the anneal and
     # rewrites the soft embeddings of the columns it covers, so it is made (and counted)
     idle = opts.smoothing and kind != "none"
+    # kv_cache="static": each refresh writes a buffer of all L columns and the cached forwards
+    # rewrite their columns in place, keys in column order (the released layout; the dynamic dual
+    # cache orders them [prefix | suffix | window], which rounds differently in fp32). A buffer
+    # per refresh: the vicinity warmup can refresh a block's rows in several groups
+    static = cfg.kv_cache == "static" and kind != "none"
 
     def start(rows: Tensor, s: int) -> Block:
         """The rows' refresh forward: decodes, and its KV becomes their cache for the block."""
@@ -298,6 +304,7 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
         return start_block(
             model, rec, batch, ids, s, bs, kind, family, choose, apply, rows,
             window if vicinity else None, after, idle=idle,
+            static=make_cache(model, "static", L) if static else None,
         )  # fmt: skip
 
     def step(blk: Block, cache: str) -> None:

@@ -1,5 +1,6 @@
-"""Compare `ours_dinfer_{CKPT}.json` and `theirs_dinfer_{CKPT}.json` (any Python): one markdown row per setting
-and end id given to their decoder.
+"""Compare `ours_dinfer_{CKPT}.json` (`_static` with DINFER_KV=static) and
+`theirs_dinfer_{CKPT}.json` (any Python): one markdown row per setting and end id given to their
+decoder.
 
     SBS_SCRATCH=DIR python compare_dinfer.py
 
@@ -12,7 +13,7 @@ d2f = theirs (d2f makes it: smoothing with a cache).
 """
 
 from common import load
-from dinfer_settings import CKPT
+from dinfer_settings import CKPT, OURS
 
 
 def cut(answer: list[int], ends: set[int]) -> list[int]:
@@ -23,7 +24,7 @@ def cut(answer: list[int], ends: set[int]) -> list[int]:
 
 
 def main() -> None:
-    ours, theirs = load(f"ours_dinfer_{CKPT}"), load(f"theirs_dinfer_{CKPT}")
+    ours, theirs = load(OURS), load(f"theirs_dinfer_{CKPT}")
     ends = set(ours["end_ids"])
     print(f"their model vs d2f's: max |dlogit| {theirs['logit_diff']:.3g}")
     print("| setting | their eos | prompts | same tokens | forwards d2f | theirs | theirs idle | "
