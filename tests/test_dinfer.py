@@ -25,6 +25,7 @@ from d2f.decoding.dinfer import (
     smoothed_embeddings,
     threshold_commit,
 )
+from d2f.decoding.fast_dllm import start_block
 from d2f.family import family_of
 from d2f.models import load_model
 from tests.decode_helpers import Counter
@@ -243,14 +244,19 @@ VICINITY = {"cache": "vicinity", "prefix_look": 3, "after_look": 5, "warmup_step
             "early_stop": False,
         },
         {"smoothing": True},
+        {"smoothing": True, "cache": "prefix", "decoder": "credit", "early_stop": False},
         {**VICINITY, "smoothing": True, "decoder": "hierarchy", "early_stop": False},
     ],
-    ids=["threshold", "credit", "hierarchy", "vicinity", "vicinity-credit", "smooth", "both"],
-)
+    ids=[
+        "threshold", "credit", "hierarchy", "vicinity", "vicinity-credit", "smooth",
+        "smooth-prefix", "both",
+    ],
+)  # fmt: skip
 def test_batched_equals_alone(teacher, opts):
     """Per row the same tokens and forwards in a ragged batch as alone. With the vicinity warmup
     rows leave it at different forwards (the two vicinity cases refresh rows of the second block
-    apart, in two groups with their own caches); smoothing anneals per row."""
+    apart, in two groups with their own caches); smoothing anneals per row, and its idle forwards
+    (every smoothing case has some) run in the same calls as other rows' productive ones."""
     model, tok, counter = teacher
     qs = list(QUESTIONS[::-1])  # ragged prompts; rows end at different blocks, the first first
     cfg = _cfg(8, 48, **opts)
@@ -259,6 +265,42 @@ def test_batched_equals_alone(teacher, opts):
         alone = _run(model, counter, [q], cfg, tokenizer=tok)
         assert alone.tokens[0] == batched.tokens[i], (opts, i)
         assert alone.stats.rows[0].forwards == batched.stats.rows[i].forwards, (opts, i)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"cache": "prefix"},
+        {"cache": "dual", "decoder": "credit"},
+        {**VICINITY, "early_stop": False},
+        {"smoothing": True, "cache": "prefix", "early_stop": False},
+        {**VICINITY, "smoothing": True, "decoder": "hierarchy", "early_stop": False},
+    ],
+    ids=["prefix", "dual-credit", "vicinity", "smooth-prefix", "smooth-vicinity"],
+)
+def test_static_cache_gives_the_dynamic_tokens(teacher, opts):
+    """kv_cache="static": every cached forward runs over a `StaticKV` (keys in column order, the
+    released layout), one buffer per refresh (the vicinity warmup refreshes the second block's
+    rows in two groups); per row the dynamic cache's tokens and forwards on a ragged batch."""
+    model, tok, counter = teacher
+    qs = list(QUESTIONS[::-1])
+    dynamic = _run(model, counter, qs, _cfg(8, 48, **opts), tokenizer=tok)
+    kinds = []
+
+    def hook(module, args, kwargs):
+        kinds.append(type(kwargs.get("cache")).__name__)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        cfg = DecodeConfig(
+            strategy="dinfer", block_size=8, max_new_tokens=48, options=opts, kv_cache="static"
+        )
+        static = _run(model, counter, qs, cfg, tokenizer=tok)
+    finally:
+        handle.remove()
+    assert static.tokens == dynamic.tokens
+    assert [r.forwards for r in static.stats.rows] == [r.forwards for r in dynamic.stats.rows]
+    assert "StaticKV" in kinds and "DynamicCache" not in kinds  # (None: vicinity warmup)
 
 
 # ---- the vicinity window ----
@@ -301,77 +343,175 @@ def _record_calls(model):
     return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _first_masked_block(answer, mask_id: int) -> int:
+    """The block (of 8) of the first mask of a (G,) answer."""
+    return int((answer == mask_id).nonzero()[0, 0]) // 8
+
+
+def _complete(after, before, mask_id: int) -> bool:
+    """Whether answer `after` has no mask in the block that was the first masked in `before`."""
+    k = _first_masked_block(before, mask_id)
+    return not bool((after[8 * k : 8 * k + 8] == mask_id).any())
+
+
+def _released_schedule(states, L, P, width, warmup=0, idle=False):
+    """The released schedule of one row's forwards, worked from the row's answer before each
+    forward ((G,) each: the start, then one per forward): (input width, cached columns or None)
+    per forward, and the indices of the idle forwards. Blocks of 8; a forward's block is the
+    first one still masked before it. width(s): a cached forward's input width for the block at
+    s, None = no cache. The first `warmup` forwards of the sequence are full and uncached; then
+    the first forward in each block (and the first after the warmup) is the refresh, full into an
+    empty cache, and the others are cached: `width(s)` columns over the cache of the other
+    L - width(s). With `idle`, a refresh that completes its block is followed by one cached
+    forward of that block (theirs' idle forward)."""
+    mask_id = int(states[0][0])  # the first state is all masks
+    want, idles, last = [], [], None
+    for i, answer in enumerate(states[:-1]):
+        if idle and want and want[-1] == (L, 0) and _complete(answer, states[i - 1], mask_id):
+            w = width(P + 8 * last)
+            want.append((w, L - w))
+            idles.append(i)
+            continue
+        block = _first_masked_block(answer, mask_id)
+        if width is None or i < warmup:
+            want.append((L, None))
+        elif block != last or i == warmup:
+            want.append((L, 0))
+        else:
+            w = width(P + 8 * block)
+            want.append((w, L - w))
+        last = block
+    return want, idles
+
+
+def _schedule_run(model, tok, counter, opts, question=QUESTIONS[2], new=24):
+    """One row decoded with `opts`: (the model calls, (new,) answers before each forward and
+    after the last, the trace)."""
+    calls, handle = _record_calls(model)
+    try:
+        out = _run(model, counter, [question], _cfg(8, new, **opts), tokenizer=tok, record=True)
+    finally:
+        handle.remove()
+    assert len(calls) == len(out.trace) == out.stats.forwards
+    mask_id = family_of(model).mask_token_id
+    states = [torch.full((new,), mask_id)] + [e.answer[0] for e in out.trace]
+    return calls, states, out.trace
+
+
+def _cached_width(cache: str, L: int):
+    """s -> a cached forward's input width for the block at s (blocks of 8): prefix [s, L), dual
+    the block, vicinity the window [s - 3, s + 8 + 5) within [0, L); None without a cache."""
+    return {
+        "none": None,
+        "prefix": lambda s: L - s,
+        "dual": lambda s: 8,
+        "vicinity": lambda s: min(L, s + 13) - max(0, s - 3),
+    }[cache]
+
+
 @pytest.mark.parametrize("warmup", range(1, 8))
 def test_vicinity_schedule_is_the_released_one(teacher, warmup):
     """One row, blocks of 8, prefix_look 3, after_look 5: the first `warmup` forwards of the
     SEQUENCE are full and uncached; then the first forward in each block is the refresh (full,
     into an empty cache) and every later one forwards the window [s - 3, e + 5) over the cache
     of the other columns (as released, less its second refresh when the warmup ends after the
-    first block: docs/decoding.md). Worked from the trace: the block of each forward is the
-    first one still masked before it. Warmups ending inside a block and at a block start."""
+    first block: docs/decoding.md; and less the idle forward: no smoothing). Warmups ending
+    inside a block and at a block start."""
     model, tok, counter = teacher
-    calls, handle = _record_calls(model)
-    try:
-        opts = {**VICINITY, "warmup_steps": warmup, "early_stop": False}
-        out = _run(model, counter, QUESTIONS[2:], _cfg(8, 24, **opts), tokenizer=tok, record=True)
-    finally:
-        handle.remove()
-    n = out.stats.forwards
-    assert len(calls) == len(out.trace) == n
+    opts = {**VICINITY, "warmup_steps": warmup, "early_stop": False}
+    calls, states, _ = _schedule_run(model, tok, counter, opts)
     L = calls[0][0]
-    P, mask_id = L - 24, family_of(model).mask_token_id
-    states = [torch.full((24,), mask_id)] + [e.answer[0] for e in out.trace]
-    want, last_block = [], None
-    for i in range(n):
-        block = int((states[i] == mask_id).nonzero()[0, 0]) // 8
-        s, e = P + 8 * block, P + 8 * block + 8
-        if i < warmup:
-            want.append((L, None))
-        elif block != last_block or i == warmup:
-            want.append((L, 0))
-        else:
-            lo, hi = max(0, s - 3), min(L, e + 5)
-            want.append((hi - lo, L - (hi - lo)))
-        last_block = block
+    want, _ = _released_schedule(states, L, L - 24, _cached_width("vicinity", L), warmup)
     assert calls == want
     assert any(c[1] is not None and c[1] > 0 for c in calls)  # the window forwards happen
+
+
+@pytest.mark.parametrize("smoothing", [False, True])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "vicinity"])
+def test_idle_forward_exactly_with_smoothing_and_a_cache(teacher, cache, smoothing):
+    """Theirs follows a refresh that completed its block with one cached forward of that block
+    (`IterationSmooth.forward`: the refresh, then the cached forward, in one iteration). d2f makes
+    it with smoothing (it advances the anneal and rewrites soft embeddings) and skips it without
+    (it would change nothing); without a cache there is no refresh. The idle forward commits
+    nothing and counts as a forward (hook = stats); every other forward commits. Schedule worked
+    from the trace (`_released_schedule`, `_cached_width`; vicinity with warmup 2)."""
+    model, tok, counter = teacher
+    opts = {"cache": cache, "smoothing": smoothing, "early_stop": False, "threshold_decay": 0.05}
+    if cache == "vicinity":
+        opts |= {**VICINITY, "warmup_steps": 2}
+    warmup = 2 if cache == "vicinity" else 0
+    idle, completed = smoothing and cache != "none", 0
+    for q in QUESTIONS:
+        calls, states, trace = _schedule_run(model, tok, counter, opts, question=q, new=48)
+        L = calls[0][0]
+        width = _cached_width(cache, L)
+        want, idles = _released_schedule(states, L, L - 48, width, warmup, idle)
+        assert calls == want
+        commits = [int(e.committed.sum()) for e in trace]
+        assert [i for i, c in enumerate(commits) if c == 0] == idles
+        assert all(torch.equal(states[i], states[i + 1]) for i in idles)
+        # the refreshes that complete their block: exactly those are followed by an idle forward
+        mask_id = int(states[0][0])
+        refreshes = [i for i, c in enumerate(calls) if c == (L, 0)]
+        done = [i for i in refreshes if _complete(states[i + 1], states[i], mask_id)]
+        assert idles == ([i + 1 for i in done] if idle else [])
+        completed += len(done)
+    assert bool(completed) == (cache != "none")  # the case happens in every cached setting
 
 
 # ---- iteration smoothing ----
 
 
-@pytest.mark.parametrize("cache", ["none", "dual", "vicinity"])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "vicinity"])
 def test_smoothing_without_weight_is_the_annealed_threshold_decoder(teacher, monkeypatch, cache):
     """cont_weight 0: the inputs are the plain embeddings, so smoothing is the threshold decoder
-    with the threshold max(1 - 0.02 it, 0.9) at the row's forward `it` (0-based). Reference: the
-    plain decoder with its rule's threshold replaced per call, `it` from the forward hook."""
+    with the threshold max(1 - 0.02 it, 0.9) at the row's forward `it` (0-based), its idle
+    forwards included: with a cache, a refresh that completes its block is followed by one cached
+    forward that commits nothing. Reference: the plain decoder (no idle forward) with its rule's
+    threshold replaced per call, `it` = the hook's forwards so far + the idle forwards the rule
+    adds (one after each refresh, a call into an empty cache, that commits every mask left)."""
     model, tok, counter = teacher
     opts = {"cache": cache, "threshold": 0.9}
     smooth = {**opts, "smoothing": True, "cont_weight": 0.0}
     real_select = dinfer.select
+    idle = [0]
 
     def annealed_select(logits, blk, o, mask_id, threshold=None):
         assert threshold is None  # the plain decoder
-        return real_select(logits, blk, o, mask_id, max(1 - 0.02 * (counter.calls - 1), 0.9))
+        it = counter.calls - 1 + idle[0]
+        x0, chosen = real_select(logits, blk, o, mask_id, max(1 - 0.02 * it, 0.9))
+        if calls[-1][1] == 0 and bool((chosen == (blk == mask_id)).all()):
+            idle[0] += 1  # a refresh that completes its block: one idle forward follows
+        return x0, chosen
 
-    for q in QUESTIONS:  # alone: the hook counts this row's forwards
-        got = _run(model, counter, [q], _cfg(8, 48, **smooth), tokenizer=tok)
-        plain = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
-        with monkeypatch.context() as m:
-            m.setattr(dinfer, "select", annealed_select)
-            want = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
-        assert got.tokens == want.tokens
-        assert got.stats.forwards == want.stats.forwards
-        assert want.stats.forwards > plain.stats.forwards  # the anneal is not a no-op here
+    idles = 0
+    calls, handle = _record_calls(model)
+    try:
+        for q in QUESTIONS:  # alone: the hook counts this row's forwards
+            got = _run(model, counter, [q], _cfg(8, 48, **smooth), tokenizer=tok)
+            plain = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+            idle[0] = 0
+            with monkeypatch.context() as m:
+                m.setattr(dinfer, "select", annealed_select)
+                want = _run(model, counter, [q], _cfg(8, 48, **opts), tokenizer=tok)
+            assert got.tokens == want.tokens
+            assert got.stats.forwards == want.stats.forwards + idle[0]
+            assert want.stats.forwards > plain.stats.forwards  # the anneal is not a no-op here
+            idles += idle[0]
+    finally:
+        handle.remove()
+    assert (idles > 0) == (cache != "none")  # without a cache there is no refresh
 
 
-@pytest.mark.parametrize("cache", ["none", "vicinity"])
+@pytest.mark.parametrize("cache", ["none", "prefix", "vicinity"])
 def test_smoothing_feeds_the_soft_embeddings_of_the_last_forward(teacher, cache):
-    """The inputs of forward t + 1 are E[x_t] plus, at positions still masked after forward t,
-    w_t * softmax(logits_t) @ E with w_t = min(0.15 + 0.02 t, 0.3); the first forward gets E[x]
-    (E[mask] on masks). Checked wherever forward t covered every column forward t + 1 takes:
-    every pair without a cache; with the vicinity window, a block's refresh (full) then its
-    window forwards [s - 3, e + 5) (columns read from the position ids: one row, no padding)."""
+    """The inputs of forward t + 1, on the columns forward t covered, are E[x_t] plus, at
+    positions still masked after forward t, w_t * softmax(logits_t) @ E with w_t = min(0.15 +
+    0.02 t, 0.3); the first forward gets E[x] (E[mask] on masks). Checked on every pair's shared
+    columns (read from the position ids: one row, no padding): without a cache every pair; with
+    prefix [s, L) and the vicinity window [s - 3, e + 5) also the idle forward after a refresh
+    that completed its block, whose soft embeddings of the masks after the block the next
+    block's refresh reads."""
     model, tok, counter = teacher
     seen = []
 
@@ -393,22 +533,28 @@ def test_smoothing_feeds_the_soft_embeddings_of_the_last_forward(teacher, cache)
     xs = [torch.cat([prompt, torch.full((48,), mask_id)])]
     xs += [torch.cat([prompt, e.answer[0]]) for e in out.trace]
     assert torch.equal(seen[0][1], E[xs[0]])
-    checked = set()
+    checked, idle_masks = set(), 0
     for t in range(len(seen) - 1):
         (a, _, logits), (b, emb, _) = seen[t], seen[t + 1]
-        if not (a <= b and b + len(emb) <= a + len(logits)):
-            continue  # forward t did not cover forward t + 1's columns
-        x = xs[t + 1][b : b + len(emb)]
-        soft = logits[b - a : b - a + len(emb)].softmax(-1) @ E
+        lo, hi = max(a, b), min(a + len(logits), b + len(emb))  # the columns both covered
+        if lo >= hi:
+            continue
+        x = xs[t + 1][lo:hi]
+        soft = logits[lo - a : hi - a].softmax(-1) @ E
         w = min(0.15 + 0.02 * t, 0.3)
         want = torch.where((x == mask_id)[:, None], E[x] + w * soft, E[x])
-        assert torch.allclose(emb, want, atol=1e-6), t
+        assert torch.allclose(emb[lo - b : hi - b], want, atol=1e-6), t
         checked.add((len(logits), len(emb)))
+        if not bool(out.trace[t].committed.any()):  # an idle forward
+            idle_masks += int((x == mask_id).sum())
     L = len(xs[0])
-    assert (L, L) in checked
+    # with a cache, a refresh is always followed by a cached forward (the idle one if it completed
+    # the block); without, every forward is full
+    assert ((L, L) in checked) == (cache == "none")
     if cache == "vicinity":  # refresh -> window and window -> window (its after_look masks too)
         assert any(n == L and m <= 16 for n, m in checked), checked
         assert any(n <= 16 for n, _ in checked), checked
+    assert (idle_masks > 0) == (cache != "none")  # idle soft embeddings read by the next forward
 
 
 def test_early_stop_on_the_trained_teacher(teacher):
@@ -429,3 +575,9 @@ def test_refuses_what_is_not_ported(tiny_dir):
     dream, _ = load_model(tiny_dir("dream"))
     with pytest.raises(ValueError, match="shifted"):
         generate(dream, _prompts((3,)), _cfg())
+
+
+def test_idle_forward_needs_a_cache():
+    """The idle forward is a cached forward: asking for it without a cache is an error."""
+    with pytest.raises(ValueError, match="idle forward"):
+        start_block(None, None, None, None, 0, 4, "none", None, None, None, idle=True)

@@ -108,7 +108,8 @@ def _parse_value(key: str, text: str, hint):
 
 
 KV_CACHES = ("dynamic", "static")
-STATIC_STRATEGIES = ("d2f", "cache_only", "fast_dllm", "ar")  # those that take kv_cache="static"
+# those that take kv_cache="static"
+STATIC_STRATEGIES = ("d2f", "cache_only", "fast_dllm", "ar", "dinfer")
 COMPILE_MODES = ("off", "eager", "default", "reduce-overhead")  # eager: dynamo tracing only
 CompileMode = Literal["off", "eager", "default", "reduce-overhead"]
 PAPER_MAX_NEW_TOKENS = 512  # the paper's generation cap (Table 8: D2F-LLaDA; D2F-Dream uses 256)
@@ -143,7 +144,7 @@ class DecodeConfig:
     steps_per_block: int | None = None  # vanilla: denoising steps per block (None = block_size)
     remasking: Literal["low_confidence", "random"] = "low_confidence"  # vanilla / fast_dllm
     options: object = None  # the strategy's own settings (dict or options class); None = defaults
-    kv_cache: Literal["dynamic", "static"] = "dynamic"  # d2f/cache_only/fast_dllm/ar: KV cache kind
+    kv_cache: Literal["dynamic", "static"] = "dynamic"  # STATIC_STRATEGIES: KV cache kind
     compile: CompileMode = "off"  # d2f/cache_only: the step under torch.compile (static cache)
 
     def __post_init__(self):

@@ -30,7 +30,9 @@ Two iteration variants (`generate_uniform.py`):
   E[mask] + w_it * softmax(logits) @ E (E = `model.get_input_embeddings()`), and the commit
   threshold is annealed, with `it` the row's forwards so far:
   thr_it = max(1 - threshold_decay * it, threshold), w_it = min(cont_weight_init +
-  cont_weight_growth * it, cont_weight).
+  cont_weight_growth * it, cont_weight). With a cache, a refresh that completes its block is
+  followed, as released, by one cached forward of that block that commits nothing (the idle
+  forward): it counts in `it` and rewrites the soft embeddings of the columns it covers.
 
 Early stop (`BlockRunner`, on in every released entry point): a row whose decoded text holds an
 end token leaves at the next block start. Rows are block-synchronous and each row decodes what it
@@ -50,6 +52,7 @@ from torch import Tensor
 from d2f.decoding.common import Batch, Recorder, drop_finished, ended_rows
 from d2f.decoding.config import DecodeConfig, strategy_options
 from d2f.decoding.fast_dllm import Block, refine, start_block
+from d2f.decoding.kv import make_cache
 from d2f.family import Family
 from d2f.mask import block_ids
 
@@ -169,7 +172,8 @@ def select(
     `threshold` (a number or (b, 1) per row; None = opts.threshold).
 
     x0 is the arg-max over the full vocabulary and a position predicting the mask id is not
-    committed (the released `rm_mask`). NOTE: if that leaves a row with masks committing none
+    committed (the released `rm_mask`); a row whose block has no mask commits nothing (the idle
+    forward, as released). NOTE: if that leaves a row with masks committing none
     (every mask predicts the mask id) the released loop never ends; here the row commits its most
     confident mask with the best other token instead (d2f's rule), so decoding always ends.
     """
@@ -282,6 +286,16 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
     vicinity = opts.cache == "vicinity"
     kind = "dual" if vicinity else opts.cache  # the vicinity cache is a dual cache, wider
     warmup = opts.warmup_steps if vicinity else 0
+    # NOTE: theirs follows every refresh with a cached forward in the same iteration, even when
+    # the refresh completed the block (an idle forward: it commits nothing). Without smoothing
+    # it changes nothing but the count and is skipped; with smoothing it advances the anneal and
+    # rewrites the soft embeddings of the columns it covers, so it is made (and counted)
+    idle = opts.smoothing and kind != "none"
+    # kv_cache="static": each refresh writes a buffer of all L columns and the cached forwards
+    # rewrite their columns in place, keys in column order (the released layout; the dynamic dual
+    # cache orders them [prefix | suffix | window], which rounds differently in fp32). A buffer
+    # per refresh: the vicinity warmup can refresh a block's rows in several groups
+    static = cfg.kv_cache == "static" and kind != "none"
 
     def start(rows: Tensor, s: int) -> Block:
         """The rows' refresh forward: decodes, and its KV becomes their cache for the block."""
@@ -289,7 +303,8 @@ def dinfer_decode(model, prompts, cfg: DecodeConfig, family: Family, rec: Record
         state["rows"] = rows
         return start_block(
             model, rec, batch, ids, s, bs, kind, family, choose, apply, rows,
-            window if vicinity else None, after,
+            window if vicinity else None, after, idle=idle,
+            static=make_cache(model, "static", L) if static else None,
         )  # fmt: skip
 
     def step(blk: Block, cache: str) -> None:

@@ -252,6 +252,7 @@ def start_block(
     window=None,
     after=None,
     static: StaticKV | None = None,
+    idle: bool = False,
 ) -> Block:
     """The block-start full forward, its commit, and the cache the refinement steps reuse.
 
@@ -261,7 +262,12 @@ def start_block(
     commit with the call's raw (b, n, V) logits over columns [start, start + n). static: a
     preallocated cache to rewrite instead of a new `DynamicCache`; its columns stay in place, so
     the dual cache is the block-start buffer itself, each step rewriting its window's columns.
+    idle: keep every row for at least one refinement step, also a row whose block this forward
+    completed (dInfer's idle forward, under smoothing; `choose` commits nothing on a block
+    without masks); needs a cache.
     """
+    if idle and cache == "none":
+        raise ValueError("start_block: an idle forward is a cached forward; cache is 'none'")
     e, L = s + bs, batch.x.shape[1]
     if rows is None:
         rows = torch.arange(batch.x.shape[0], device=batch.x.device)
@@ -293,6 +299,8 @@ def start_block(
     elif cache == "dual" and static is None:
         kv = dual_cache(kv, lo, hi, model.config)
     left = (batch.x[rows, s:e] == family.mask_token_id).any(-1)  # (b,)
+    if idle:
+        left = torch.ones_like(left)
     act = rows[left]
     if act.numel() < rows.numel() and kv is not None:
         kv.batch_select_indices(left.nonzero()[:, 0])

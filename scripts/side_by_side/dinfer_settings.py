@@ -13,6 +13,10 @@ N_PROMPTS = int(os.environ.get("DINFER_N", "100"))  # held-out `add2` questions 
 # or "s12" / "s60" (make_ckpt.py's tiny random LLaDA, output x12 / x60; random prompts)
 CKPT = os.environ.get("DINFER_CKPT", "teacher")
 THRESHOLD, LOW_THRESHOLD = 0.9, 0.3  # d2f's defaults = the authors' benchmark defaults
+# d2f's `kv_cache` ("dynamic" or "static": keys in column order, as theirs); a static run's
+# results are `ours_dinfer_{CKPT}_static`, compared with the same `theirs_dinfer_{CKPT}`
+KV = os.environ.get("DINFER_KV", "dynamic")
+OURS = f"ours_dinfer_{CKPT}" + ("" if KV == "dynamic" else f"_{KV}")
 
 VIC = {"cache": "vicinity"}
 SETTINGS = [

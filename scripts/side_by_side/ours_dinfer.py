@@ -5,13 +5,14 @@ random prompts (`DINFER_CKPT`, see `dinfer_settings.py`), batch 1, for every set
 Also writes the teacher's logits on a few full sequences for the peer side's model check.
 
     SBS_SCRATCH=DIR python scripts/side_by_side/ours_dinfer.py   # -> DIR/results/ours_dinfer_{CKPT}.json
+    (DINFER_KV=static: d2f's static KV cache, -> ours_dinfer_{CKPT}_static.json)
 """
 
 from pathlib import Path
 
 import torch
 from common import CKPT_ROOT, FIRST_ID, per_prompt, result_path, save
-from dinfer_settings import BLOCK, CKPT, GEN, N_PROMPTS, SETTINGS
+from dinfer_settings import BLOCK, CKPT, GEN, KV, N_PROMPTS, OURS, SETTINGS
 
 from d2f.decoding import DecodeConfig, encode_prompts, generate
 from d2f.family import family_of
@@ -47,10 +48,13 @@ def main() -> None:
     out = {"ckpt": str(path), "block": BLOCK, "gen": GEN, "ids": ids}
     out |= {"mask_id": family.mask_token_id, "end_ids": list(family.end_token_ids), "runs": {}}
     for name, opts in SETTINGS:
-        cfg = DecodeConfig(strategy="dinfer", block_size=BLOCK, max_new_tokens=GEN, options=opts)
+        cfg = DecodeConfig(
+            strategy="dinfer", block_size=BLOCK, max_new_tokens=GEN, options=opts, kv_cache=KV
+        )
         rows = out["runs"][name] = per_prompt(model, generate, ids, cfg)
-        print(f"d2f dinfer {name}: {sum(r['forwards'] for r in rows)} forwards, {len(ids)} prompts")
-    save(f"ours_dinfer_{CKPT}", out)
+        total = sum(r["forwards"] for r in rows)
+        print(f"d2f dinfer {name} ({KV}): {total} forwards, {len(ids)} prompts")
+    save(OURS, out)
 
 
 if __name__ == "__main__":
