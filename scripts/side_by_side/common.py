@@ -7,6 +7,8 @@ checkpoint (12, 60 or 60eos: see `make_ckpt.py`, `make_eos_ckpt.py`).
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,3 +76,23 @@ def per_prompt(model, generate, ids: list[list[int]], cfg) -> list[dict]:
     finally:
         hook.remove()
     return rows
+
+
+def serve(handlers: dict) -> None:
+    """A persistent worker (`speed.py`): one JSON request per stdin line, `{"cmd": name, ...}`, is
+    answered by `handlers[name](**rest)` as one JSON line on the original stdout; whatever the
+    code under test prints goes to stderr, so it cannot corrupt the replies."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply.write(json.dumps(handlers[request.pop("cmd")](**request)) + "\n")
+        reply.flush()
+
+
+def timed(fn):
+    """fn() -> (its result, wall seconds, this thread's CPU seconds)."""
+    w, c = time.perf_counter(), time.thread_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.thread_time() - c

@@ -18,6 +18,7 @@ theirs up to their first end id.
 
 import ast
 import collections
+import functools
 import sys
 import types
 
@@ -36,8 +37,10 @@ EDITS = [
 ]
 
 
-def their_loop() -> dict:
-    """Their helpers and methods, compiled from their source: name -> function."""
+@functools.cache
+def their_code() -> tuple[dict, dict]:
+    """Their module helpers (the namespace they run in) and their two methods, compiled from
+    their source: (namespace, {method name -> function})."""
     src = (EVAL / "eval_llada.py").read_text()
     ns = {"torch": torch, "F": F, "dists": dists}
     found = {}
@@ -56,7 +59,45 @@ def their_loop() -> dict:
                     exec(text, ns)
                     found[item.name] = ns[item.name]
     assert set(found) == set(METHODS) and all(h in ns for h in HELPERS), sorted(found)
-    return found
+    return ns, found
+
+
+def their_helpers() -> dict:
+    """Their module helpers by name (e.g. `create_full_block_attention_mask`)."""
+    return their_code()[0]
+
+
+def their_decoder(model, s: dict, mask_id: int, eos_token_id: int, tokenizer=None):
+    """Their loop bound to a stub `self`: `stub._generate_block_single(prompt (1, P) long)`.
+
+    s: d2f's settings (block_size, max_new_tokens, tau_add, tau_act, tau_conf); cpu, fp32, greedy,
+    `max_length` 128 (the tiny model's context). Set `stub.end_ids` (the ids that stop adding
+    blocks) before decoding. `tokenizer`: theirs decodes the answer text every step (unused);
+    None gives a stub that renders ids.
+    """
+    if tokenizer is None:
+        tokenizer = types.SimpleNamespace(decode=lambda ids, **kw: " ".join(map(str, ids)))
+    stub = types.SimpleNamespace(
+        model=model,
+        device="cpu",
+        mask_token_id=mask_id,
+        block_size=s["block_size"],
+        block_add_threshold=s["tau_add"],
+        skip_threshold=s["tau_conf"],
+        decoded_token_threshold=s["tau_act"],
+        max_new_tokens=s["max_new_tokens"],
+        max_length=128,
+        target_dtype=torch.float32,
+        temperature=0.0,
+        top_p=None,
+        top_k=None,
+        sampling_strategy="default",
+        tokenizer=tokenizer,
+        eos_token_id=eos_token_id,
+    )
+    for name, fn in their_code()[1].items():
+        setattr(stub, name, types.MethodType(fn, stub))
+    return stub
 
 
 def cut(tokens: list[int], ends: set[int]) -> tuple[list[int], bool]:
@@ -83,25 +124,7 @@ def main() -> None:
         widths.append(args[0].shape[1])  # their loop passes the input ids positionally
 
     model.register_forward_pre_hook(count)
-    stub = types.SimpleNamespace(
-        model=model,
-        device="cpu",
-        mask_token_id=ours["mask_id"],
-        block_size=s["block_size"],
-        skip_threshold=s["tau_conf"],
-        decoded_token_threshold=s["tau_act"],
-        max_new_tokens=s["max_new_tokens"],
-        max_length=128,
-        target_dtype=torch.float32,
-        temperature=0.0,
-        top_p=None,
-        top_k=None,
-        sampling_strategy="default",
-        tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: " ".join(map(str, ids))),
-        eos_token_id=config.eos_token_id,
-    )
-    for name, fn in their_loop().items():
-        setattr(stub, name, types.MethodType(fn, stub))
+    stub = their_decoder(model, s, ours["mask_id"], config.eos_token_id)
     ends = set(ours["end_ids"])
     results = {}
     runs = [
