@@ -120,9 +120,8 @@ def to_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     NOTE: eager attention ADDS the mask, so a bool mask there is silently wrong (True = +1).
     The additive form is right under eager and sdpa.
     """
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, neg)[:, None]
+    # one kernel for fp32 (python scalars give torch's default float dtype; `to` is then a no-op)
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
 
 def flex_block_mask(ids: Tensor, q_start: int = 0, q_end: int | None = None, causal: bool = True):

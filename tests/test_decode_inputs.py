@@ -148,6 +148,26 @@ def test_nan_weights_warn(tiny_dir, strategy):
     assert out.tokens == [[]]
 
 
+@pytest.mark.parametrize("strategy", ["d2f", "reference", "fast_dllm"])
+def test_decoders_run_in_inference_mode_and_finite_logits_do_not_warn(models, strategy):
+    """Every model call of `generate` runs under `torch.inference_mode` (cheaper per op than
+    no_grad), and a healthy model's decode counts no non-finite forward (no RuntimeWarning)."""
+    import warnings
+
+    model, _ = models["llada"]
+    seen = []
+    hook = model.register_forward_hook(lambda *a: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            cfg = DecodeConfig(strategy=strategy, block_size=4, max_new_tokens=8)
+            out = generate(model, [[10, 11], [12]], cfg)
+    finally:
+        hook.remove()
+    assert seen and all(seen) and len(seen) == out.stats.forwards
+    assert not torch.is_inference_mode_enabled()
+
+
 def test_no_future_or_deprecation_warning(models):
     """Every strategy runs without FutureWarning/DeprecationWarning (transformers 5.24 renamed
     the forward's `past_key_values` to `cache`)."""

@@ -111,6 +111,16 @@ def test_position_ids_skip_padding():
     assert position_ids(valid).tolist() == [list(range(9)), [0, 0, 0, 1, 2, 3, 4, 5, 6]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_to_additive_values_dtype_and_shape(dtype):
+    mask = rows("10", "11")[None]  # (1, 2, 2)
+    out = to_additive(mask, dtype)
+    assert out.dtype == dtype and out.shape == (1, 1, 2, 2)
+    low = torch.finfo(dtype).min
+    want = torch.tensor([[[[0.0, low], [0.0, 0.0]]]], dtype=dtype)
+    assert torch.equal(out, want)
+
+
 def test_bool_float_and_block_mask_agree():
     """Attention under the bool mask (sdpa), the additive mask (explicit softmax) and the flex
     BlockMask gives the same output, padding rows included."""

@@ -78,8 +78,10 @@ class Recorder:
         self.forwards = 0
         self.row_forwards = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.answers = torch.empty(n_rows, gen_length, dtype=torch.long, device=device)
-        # forwards whose logits had a NaN/inf, counted on the device: read once after decoding
-        self.nonfinite_forwards = torch.zeros((), dtype=torch.long, device=device)
+        # forwards whose logits were checked, and those all finite (counted on the device: read
+        # once after decoding)
+        self.checked = 0
+        self.finite_forwards = torch.zeros((), dtype=torch.long, device=device)
         self.on_step = on_step
         self.step = 0
         self._t0 = time.perf_counter()
@@ -97,8 +99,14 @@ class Recorder:
         self.row_forwards[rows] += 1
 
     def check_logits(self, logits: Tensor) -> None:
-        """Count a forward with non-finite logits (B, W, V); no host sync."""
-        self.nonfinite_forwards += (~torch.isfinite(logits).all()).long()
+        """Count a forward's logits (B, W, V) and whether all are finite; no host sync."""
+        self.checked += 1
+        self.finite_forwards += torch.isfinite(logits).all()
+
+    @property
+    def nonfinite_forwards(self) -> Tensor:
+        """() long: checked forwards with a NaN or infinite logit (reading it syncs)."""
+        return self.checked - self.finite_forwards
 
     def prefill_done(self) -> None:
         self.prefill_s = self._now() - self._t0
@@ -108,8 +116,11 @@ class Recorder:
         """Store the answers of rows `done` (B,) bool; the caller then drops them."""
         self.answers[batch.rows[done]] = batch.answer[done]
 
-    def emit(self, batch: Batch, committed: Tensor, block_state: Tensor | None = None) -> None:
-        """End of a step: count it and, when streaming, hand the callback a StepEvent."""
+    def emit(
+        self, batch: Batch, committed: Tensor | None, block_state: Tensor | None = None
+    ) -> None:
+        """End of a step: count it and, when streaming, hand the callback a StepEvent
+        (`committed` (B, G) bool may be None when there is no callback)."""
         self.step += 1
         if self.on_step is not None:
             self.on_step(

@@ -173,8 +173,10 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
             carry = logits[:, new_cached - 1 - start].clone(memory_format=torch.contiguous_format)
         cached = new_cached
         batch.x[:, a0:end] = new_w
-        committed = torch.zeros_like(batch.answer, dtype=torch.bool)
-        committed[:, a0 - P : end - P] = chosen
+        committed = None  # (B, G) bool, built only for a streaming callback
+        if rec.on_step is not None:
+            committed = torch.zeros_like(batch.answer, dtype=torch.bool)
+            committed[:, a0 - P : end - P] = chosen
         if start == 0:  # the call that processed the prompt (and the first step)
             rec.prefill_done()
         rec.emit(batch, committed, state)

@@ -100,7 +100,7 @@ def alternated(sides: dict, k: int, cmd: str, **kw) -> dict:
 def bench_decode(sides: dict, info: dict, args) -> dict:
     ends = set(info["end_ids"])
     for variant in args.variants:  # warm-up: the first prompts once each, untimed
-        for prompt in info["prompts"][:3]:
+        for prompt in info["prompts"][: args.warmup]:
             alternated(sides, 0, "decode", variant=variant, prompt=prompt)
     pairs, k = [], 0
     for rep in range(args.repeats):
@@ -151,7 +151,11 @@ def bench_call(sides: dict, info: dict, args) -> dict:
                 )
                 k += 1
                 lo, lt = r["ours"].pop("logits"), r["theirs"].pop("logits")
-                diff = max(abs(a - b) for ra, rb in zip(lo, lt, strict=True) for a, b in zip(ra, rb))
+                diff = max(
+                    abs(a - b)
+                    for ra, rb in zip(lo, lt, strict=True)
+                    for a, b in zip(ra, rb, strict=True)
+                )
                 worst = max(worst, diff)
                 if i == 0:
                     continue
@@ -178,6 +182,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=("base", "merged", "unmerged"), default=None)
     p.add_argument("--n", type=int, default=200, help="held-out questions")
     p.add_argument("--repeats", type=int, default=1, help="decode passes over the questions")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decodes first (per variant)")
     p.add_argument("--rounds", type=int, default=30, help="call rounds per variant and cache")
     p.add_argument("--calls", type=int, default=20, help="calls per round and side")
     p.add_argument("--ours", default="{}", help="JSON of DecodeConfig fields for d2f's side")
@@ -195,7 +200,9 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
     sides = {
         "ours": Worker(args.python_ours, "speed_ours.py", env),
-        "theirs": Worker(args.python_theirs or str(scratch / "venv/bin/python"), "speed_theirs.py", env),
+        "theirs": Worker(
+            args.python_theirs or str(scratch / "venv/bin/python"), "speed_theirs.py", env
+        ),
     }
     adapter = None if args.adapter is None else str(Path(args.adapter).resolve())
     t0 = time.perf_counter()

@@ -64,7 +64,13 @@ def decode(variant: str, prompt: list) -> dict:
     out, wall, cpu = timed(lambda: generate(model, [prompt], STATE["cfg"]))
     assert calls[0] == out.stats.forwards, (calls[0], out.stats.forwards)
     row = out.stats.rows[0]
-    return {"tokens": out.tokens[0], "hit_end": row.hit_end, "calls": calls[0], "wall": wall, "cpu": cpu}
+    return {
+        "tokens": out.tokens[0],
+        "hit_end": row.hit_end,
+        "calls": calls[0],
+        "wall": wall,
+        "cpu": cpu,
+    }
 
 
 def call(variant: str, prompt: list, cached: bool, reps: int) -> dict:
@@ -84,7 +90,9 @@ def call(variant: str, prompt: list, cached: bool, reps: int) -> dict:
         if cached:
             forward(model, rec, batch, block_causal_mask(ids, 0, P)[..., :P], 0, P, cache)
         for _ in range(reps):
-            logits, wall, cpu = timed(lambda: forward(model, rec, batch, mask, start, P + bs, cache))
+            logits, wall, cpu = timed(
+                lambda: forward(model, rec, batch, mask, start, P + bs, cache)
+            )
             keep_columns(cache, start)
             walls.append(wall)
             cpus.append(cpu)
