@@ -251,7 +251,7 @@ def commit(
     chosen = masked & live & (conf.view(B, -1, bs) > cfg.tau_conf)
     need = (state_w == BlockState.FULL.value) & ~chosen.any(-1) & masked.any(-1)  # (B, nbw)
     best = score.view(B, -1, bs).masked_fill(~masked, float("-inf")).argmax(-1)  # (B, nbw)
-    fallback = torch.nn.functional.one_hot(best, bs).bool() & need[..., None]
+    fallback = (best[..., None] == torch.arange(bs, device=best.device)) & need[..., None]
     return (chosen | fallback).view(B, W)
 
 
