@@ -81,6 +81,8 @@ def line(row: dict) -> str:
             value = f"{value['median']:.2f} ({value['p10']:.2f}-{value['p90']:.2f}, n {value['n']})"
         elif isinstance(value, float):
             value = f"{value:.3g}"
+        elif isinstance(value, list):
+            value = " ".join(f"{v:.2f}" for v in value)
         parts.append(f"{key} {value}")
     return "; ".join(parts)
 
@@ -123,6 +125,11 @@ def bench_decode(sides: dict, info: dict, args) -> dict:
             "wall": quantiles([p["theirs"]["wall"] / p["ours"]["wall"] for p in ps]),
             "cpu": quantiles([p["theirs"]["cpu"] / p["ours"]["cpu"] for p in ps]),
             "total_wall": sum(p["theirs"]["wall"] for p in ps) / sum(p["ours"]["wall"] for p in ps),
+            "total_wall_per_repeat": [
+                sum(p["theirs"]["wall"] for p in ps if p["rep"] == r)
+                / sum(p["ours"]["wall"] for p in ps if p["rep"] == r)
+                for r in range(args.repeats)
+            ],
             "total_cpu": sum(p["theirs"]["cpu"] for p in ps) / sum(p["ours"]["cpu"] for p in ps),
             "same": sum(p["same"] for p in ps),
             "decodes": len(ps),
