@@ -100,6 +100,8 @@ def alternated(sides: dict, k: int, cmd: str, **kw) -> dict:
 
 
 def bench_decode(sides: dict, info: dict, args) -> dict:
+    """Every prompt decoded by both sides for every variant, `args.repeats` times: the pairs
+    (tokens, calls, wall and CPU seconds of each side) and their summary."""
     ends = set(info["end_ids"])
     for variant in args.variants:  # warm-up: the first prompts once each, untimed
         for prompt in info["prompts"][: args.warmup]:
@@ -116,8 +118,14 @@ def bench_decode(sides: dict, info: dict, args) -> dict:
                     | {"same": same, "ours": o, "theirs": t}
                 )
                 k += 1
+    return {"summary": decode_summary(pairs, args.variants, args.repeats), "pairs": pairs}
+
+
+def decode_summary(pairs: list[dict], variants: list[str], repeats: int) -> dict:
+    """Per variant: ratios (theirs / ours) per pair and of the totals, tokens identical, calls
+    (of the first repeat); d2f's unmerged / merged time per prompt when both ran."""
     summary = {}
-    for variant in args.variants:
+    for variant in variants:
         ps = [p for p in pairs if p["variant"] == variant]
         first = [p for p in ps if p["rep"] == 0]
         diff = Counter(p["ours"]["calls"] - p["theirs"]["calls"] for p in first)
@@ -128,7 +136,7 @@ def bench_decode(sides: dict, info: dict, args) -> dict:
             "total_wall_per_repeat": [
                 sum(p["theirs"]["wall"] for p in ps if p["rep"] == r)
                 / sum(p["ours"]["wall"] for p in ps if p["rep"] == r)
-                for r in range(args.repeats)
+                for r in range(repeats)
             ],
             "total_cpu": sum(p["theirs"]["cpu"] for p in ps) / sum(p["ours"]["cpu"] for p in ps),
             "same": sum(p["same"] for p in ps),
@@ -137,15 +145,18 @@ def bench_decode(sides: dict, info: dict, args) -> dict:
             "calls_theirs": sum(p["theirs"]["calls"] for p in first),
             "calls_diff": dict(sorted(diff.items())),
         }
-    if {"merged", "unmerged"} <= set(args.variants):
+    if {"merged", "unmerged"} <= set(variants):
         key = {(p["rep"], p["prompt"], p["variant"]): p["ours"]["wall"] for p in pairs}
         summary["ours_unmerged_over_merged"] = quantiles(
             [key[r, i, "unmerged"] / key[r, i, "merged"] for r, i, v in key if v == "merged"]
         )
-    return {"summary": summary, "pairs": pairs}
+    return summary
 
 
 def bench_call(sides: dict, info: dict, args) -> dict:
+    """Per variant, with and without the prompt's cache: `args.rounds` rounds of `args.calls`
+    calls per side (after one warm-up round), the ratio of the medians per round, and the largest
+    difference between the two sides' block logits."""
     rounds, summary, k = [], {}, 0
     for variant in args.variants:
         for cached in (False, True):
