@@ -100,8 +100,12 @@ class Recorder:
 
     def check_logits(self, logits: Tensor) -> None:
         """Count a forward's logits (B, W, V) and whether all are finite; no host sync."""
+        self.count_finite(torch.isfinite(logits).all())
+
+    def count_finite(self, finite: Tensor) -> None:
+        """Count a forward whose logits' finiteness is `finite` (() bool); no host sync."""
         self.checked += 1
-        self.finite_forwards += torch.isfinite(logits).all()
+        self.finite_forwards += finite
 
     @property
     def nonfinite_forwards(self) -> Tensor:

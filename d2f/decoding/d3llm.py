@@ -54,7 +54,7 @@ from d2f.decoding.common import (
 )
 from d2f.decoding.config import BlockState, DecodeConfig, strategy_options
 from d2f.decoding.fast_dllm import keep_columns
-from d2f.decoding.pipeline import decoded_fraction, update_blocks
+from d2f.decoding.step import decoded_fraction, update_blocks
 from d2f.family import Family
 from d2f.mask import block_ids, full_mask
 
