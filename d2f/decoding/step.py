@@ -21,8 +21,11 @@ log2(num_blocks) + 1 window shapes. The padding columns are invisible to every r
 do not exist as keys), are never committed, and are written to cache columns that are
 overwritten before anything sees them, so the tokens are those of the unpadded eager step.
 
-The first step (prompt + first block, the prompt's one call) runs the same function eagerly:
-its width depends on the prompt length and it happens once per decode.
+The first step (prompt + first block, the prompt's one call) is the same function with the
+prompt's columns in front (`a_off`); compiled, its answer part is padded like any window, and
+dynamo makes the lengths symbolic after the second one it sees (automatic dynamic shapes), so
+new prompt lengths stop building graphs after the first few decodes (`scripts/bench_decode.py`
+counts them: its `graphs` column).
 """
 
 from __future__ import annotations

@@ -31,14 +31,19 @@ def setup(world: str, n: int, adapter: str | None, variants: list, overrides: di
     """Load one model per variant; returns the prompts, the settings and the family's ids."""
     torch.set_num_threads(1)
     base = str(assets_dir(world) / "teacher")
-    models, calls = {}, [0]
+    # a tensor counter: a hook that updates a Python int is specialized on the int's value by
+    # torch.compile (a recompile per call under `compile`); an in-place add is traced as one op
+    models, calls = {}, torch.zeros((), dtype=torch.long)
+
+    def count(*args):
+        calls.add_(1)  # returns None: a forward hook's return value would replace the output
     for variant in variants:
         model, tok = load_model(
             base,
             adapter=None if variant == "base" else adapter,
             merge_adapter=variant == "merged",
         )
-        model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        model.register_forward_hook(count)
         models[variant] = model
     settings = d2f_decode(SIZES[world])
     cfg = DecodeConfig(strategy="d2f", **settings, **overrides)
@@ -60,14 +65,14 @@ def setup(world: str, n: int, adapter: str | None, variants: list, overrides: di
 def decode(variant: str, prompt: list) -> dict:
     """One prompt through `generate`: its tokens (cut before the first end id), calls, time."""
     model, calls = STATE["models"][variant], STATE["calls"]
-    calls[0] = 0
+    calls.zero_()
     out, wall, cpu = timed(lambda: generate(model, [prompt], STATE["cfg"]))
-    assert calls[0] == out.stats.forwards, (calls[0], out.stats.forwards)
+    assert int(calls) == out.stats.forwards, (int(calls), out.stats.forwards)
     row = out.stats.rows[0]
     return {
         "tokens": out.tokens[0],
         "hit_end": row.hit_end,
-        "calls": calls[0],
+        "calls": int(calls),
         "wall": wall,
         "cpu": cpu,
     }
