@@ -109,18 +109,34 @@ def test_engine_options_checked(kwargs, match):
         DecodeConfig(block_size=4, max_new_tokens=8, **kwargs)
 
 
-def test_compiled_step_smoke_equals_reference(models):
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_compiled_step_smoke_equals_reference(models, fam, monkeypatch):
     """compile='eager': the step traced by dynamo with fullgraph=True (any host sync in it, an
     `.item()`, a `.tolist()`, a tensor in an `if`, is an error), run without inductor: the
-    reference's tokens and step counts. One row and two blocks keep it to two graphs (window
-    buckets 4 and 8); the ragged batches are in the slow inductor test."""
-    model = models["llada"]
+    reference's tokens and step counts, and every model call, the first (prompt + first block)
+    included, made by a compiled graph (a backend that counts its graphs' runs). One row and two
+    blocks keep it to a few graphs; the ragged batches are in the slow inductor test."""
+    import d2f.decoding.step as step
+
+    runs = []
+
+    def counting(gm, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return gm(*args)
+
+        return run
+
+    compiled = torch.compile(step.d2f_step, backend=counting, fullgraph=True)
+    monkeypatch.setitem(step._COMPILED, "eager", compiled)
+    model = models[fam]
     cfg = DecodeConfig(block_size=4, max_new_tokens=8, tau_add=0.25, tau_act=0.75, tau_conf=0.6)
     prompts = random_prompts((5,))
     ref = generate(model, prompts, cfg, strategy="reference")
     out = generate(model, prompts, cfg, kv_cache="static", compile="eager")
     assert out.tokens == ref.tokens
     assert [r.forwards for r in out.stats.rows] == [r.forwards for r in ref.stats.rows]
+    assert len(runs) == out.stats.forwards
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
     L = P + G
     Lc = L + (max_padding(buckets, bs) if compiled_fn is not None else 0)  # cache, table columns
     # The window's mask is a row gather of one table, the block-causal mask with every block
-    # existing, and-ed (inside the step) with which columns exist.
+    # existing: the blocks not added yet all follow the window, so it hides them too.
     full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
     table = block_causal_mask(F.pad(full_ids, (0, Lc - L), value=-1))  # (B, Lc, Lc)
     c = torch.arange(Lc, device=device)

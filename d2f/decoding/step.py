@@ -2,8 +2,8 @@
 
 `d2f_step` is the whole body of a D2F step (`d2f.decoding.pipeline` runs the loop around it):
 
-  1. the window's mask, a row gather of the decode's one block-causal table and-ed with which
-     columns exist (a block exists once `update_blocks` added it);
+  1. the window's mask, a row gather of the decode's one block-causal table (the later blocks
+     it hides include every block that does not exist yet);
   2. one model call over the window columns `cols` with that mask and the cache;
   3. the predictions and `common.commit` in the window's live blocks;
   4. the NEXT step's plan (`plan`): `update_blocks` on the new tokens, which rows are finished,
@@ -148,20 +148,12 @@ def d2f_step(
     B, L = x.shape
     Lc, G = table.shape[-1], cfg.gen_length
     mask_id = family.mask_token_id
-    # which key columns exist: the prompt (block -1), existing answer blocks, never the padding
-    exists = torch.cat(
-        [
-            state.new_ones(B, 1, dtype=torch.bool),
-            state != ABSENT,
-            state.new_zeros(B, 1, dtype=torch.bool),
-        ],
-        1,
-    )  # (B, NB + 2)
-    col_exists = exists[:, key_block + 1]  # (B, Lc)
+    # Block-causal alone hides every block that does not exist yet: they all follow the last
+    # existing one, where the window ends (the compiled window's padding included), and a
+    # stale static-cache column past the window is a later block too. Padding queries see
+    # real keys, but nothing reads their outputs and their KV is overwritten before it is seen.
     keys = slice(None, n_keys)
-    mask = (table[:, cols, keys] & col_exists[:, None, keys] & col_exists[:, cols, None]) | (
-        cols[:, None] == torch.arange(Lc, device=x.device)[keys]
-    )  # (B, W, K)
+    mask = table[:, cols, keys] | (cols[:, None] == torch.arange(Lc, device=x.device)[keys])
     xp = F.pad(x, (0, Lc - L), value=mask_id)  # (B, Lc): the window may run past the answer
     ids = xp[:, cols]
     logits = model(
