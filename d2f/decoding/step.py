@@ -152,14 +152,14 @@ def d2f_step(
     # existing one, where the window ends (the compiled window's padding included), and a
     # stale static-cache column past the window is a later block too. Padding queries see
     # real keys, but nothing reads their outputs and their KV is overwritten before it is seen.
-    keys = slice(None, n_keys)
-    mask = table[:, cols, keys] | (cols[:, None] == torch.arange(Lc, device=x.device)[keys])
-    xp = F.pad(x, (0, Lc - L), value=mask_id)  # (B, Lc): the window may run past the answer
-    ids = xp[:, cols]
+    mask = table.index_select(1, cols)[..., :n_keys]  # (B, W, K); the table keeps the diagonal
+    # (B, Lc): the compiled window may run past the answer (Lc > L only then)
+    xp = F.pad(x, (0, Lc - L), value=mask_id) if Lc > L else x
+    ids = xp.index_select(1, cols)
     logits = model(
         input_ids=ids,
         attention_mask=to_additive(mask, next(model.parameters()).dtype),
-        position_ids=F.pad(pos, (0, Lc - L))[:, cols],
+        position_ids=(F.pad(pos, (0, Lc - L)) if Lc > L else pos).index_select(1, cols),
         cache=cache,
         use_cache=True,
     ).logits
@@ -173,7 +173,7 @@ def d2f_step(
     state_w = F.pad(state, (0, 1), value=ABSENT)[:, window_blocks]  # (B, W_a // bs)
     x0, conf, score = predict(preds, cfg, mask_id, generator)
     chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
-    x = xp.index_copy(1, ans_cols, torch.where(chosen, x0, answer_w))[:, :L]
+    x = xp.index_copy(1, ans_cols, torch.where(chosen, x0, answer_w))[:, :L]  # a new tensor
     next_state, sync = plan(x[:, L - G :], state, end_ids, mask_id, cfg)
     return logits, x, chosen, next_state, sync, finite
 
