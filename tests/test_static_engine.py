@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d2f.decoding import DecodeConfig, generate
-from d2f.decoding.kv import StaticKV, key_mask, make_cache
+from d2f.decoding.kv import PositionedLayer, StaticKV, key_mask, make_cache
 from d2f.decoding.step import bucket, max_padding, window_buckets
 from d2f.family import family_of
 from d2f.mask import block_causal_mask, block_ids, position_ids, to_additive
@@ -92,6 +92,44 @@ def test_static_cache_pointer_and_compaction(models):
     cache.crop(-(2 * BS))
     win = _forward(model, ids[[2, 0]], blocks[[2, 0]], pos[[2, 0]], P + BS, L, cache)
     torch.testing.assert_close(win, full[[2, 0], P + BS :], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_static_cache_allocated_before_the_first_call(models, fam, monkeypatch):
+    """With `batch`, the static cache's buffers exist before any call, with the model's shape,
+    dtype and device, marked as static addresses (what CUDA graphs need), so a compiled first
+    step never allocates them; D2F's decoder asks for that (the buffer it uses is the one made
+    up front: no layer is initialized inside a call)."""
+    import d2f.decoding.pipeline as pipeline
+
+    model = models[fam]
+    cfg = model.config
+    cache = make_cache(model, "static", 20, batch=3)
+    layer = cache.layers[0]
+    assert layer.is_initialized
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert layer.keys.shape == (3, cfg.num_key_value_heads, 20, head_dim)
+    assert layer.values.dtype == next(model.parameters()).dtype
+    assert layer.keys._dynamo_static_input_type == "unguarded"
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(make_cache(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "make_cache", recording)
+    seen = []
+    update = PositionedLayer.update
+
+    def checking(self, *args, **kwargs):
+        seen.append(self.is_initialized)  # before the call's own (lazy) initialization
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(PositionedLayer, "update", checking)
+    cfg = DecodeConfig(block_size=4, max_new_tokens=8)
+    generate(model, random_prompts(), cfg, kv_cache="static")
+    assert seen and all(seen)
+    assert isinstance(made[0], StaticKV) and made[0].layers[0].keys.shape[0] == 3
 
 
 @pytest.mark.parametrize(

@@ -70,12 +70,27 @@ class StaticKV(StaticCache):
             layer.seek(n)
 
 
-def make_cache(model, kind: str, length: int) -> DynamicCache | StaticKV:
-    """A fresh cache of `kind` ("dynamic" or "static"); `length`: the static buffer's columns."""
+def make_cache(model, kind: str, length: int, batch: int | None = None) -> DynamicCache | StaticKV:
+    """A fresh cache of `kind` ("dynamic" or "static"); `length`: the static buffer's columns.
+
+    With `batch`, a static cache allocates its buffers now, for `batch` rows, in the model's
+    dtype and device (transformers' `early_initialization`), instead of in the first call: a
+    first call inside a compiled step would otherwise allocate them inside the graph, where
+    transformers cannot mark them as static addresses (which CUDA graphs need to mutate them).
+    """
     if kind == "dynamic":
         return DynamicCache(config=model.config)
     if kind == "static":
-        return StaticKV(model.config, length)
+        cache = StaticKV(model.config, length)
+        if batch is not None:
+            config = model.config.get_text_config()
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or (
+                config.hidden_size // config.num_attention_heads
+            )
+            weight = next(model.parameters())
+            cache.early_initialization(batch, heads, head_dim, weight.dtype, weight.device)
+        return cache
     raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kind!r}")
 
 

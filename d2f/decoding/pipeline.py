@@ -63,7 +63,7 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
     table = block_causal_mask(F.pad(full_ids, (0, Lc - L), value=-1))  # (B, Lc, Lc)
     c = torch.arange(Lc, device=device)
     key_block = torch.where(c < P, -1, torch.where(c < L, (c - P) // bs, NB))  # (Lc,)
-    cache = make_cache(model, cfg.kv_cache, Lc)
+    cache = make_cache(model, cfg.kv_cache, Lc, batch=B)
     static = cfg.kv_cache == "static"  # a static cache shows all its columns as keys
     # No separate prefill: the first step's window starts at column 0, so its one call computes
     # the prompt (block 0) and the first answer block together, as the authors' loop does. The
