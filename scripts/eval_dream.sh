@@ -7,7 +7,7 @@
 #   DRY_RUN=1 bash scripts/eval_dream.sh                    # print the commands, run nothing
 #
 # Overrides: MODEL, ADAPTER, TASKS (from: gsm8k_cot mbpp humaneval minerva_math), STRATEGIES (d2f
-# cache_only vanilla), LIMIT, OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, MATH_SHOTS, PYTHON, DRY_RUN.
+# cache_only vanilla), LIMIT, OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, MATH_SHOTS, ENGINE, PYTHON, DRY_RUN.
 # As the authors' released script: no chat template anywhere; HumanEval with stop strings off and
 # pass@1 after our sanitiser (task d2f_humaneval).
 set -euo pipefail

@@ -4,7 +4,9 @@
 # max_new_tokens block_size tau_add tau_act tau_conf chat", the paper's Table 8 row), DEFAULT_TASKS,
 # DEFAULT_MODEL, DEFAULT_ADAPTER, MAX_LENGTH (the family's sequence limit), DEFAULT_OUTPUT_DIR,
 # then calls `eval_main`. Environment overrides: MODEL, ADAPTER, TASKS, STRATEGIES, LIMIT,
-# OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, PYTHON, DRY_RUN.
+# OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, ENGINE, PYTHON, DRY_RUN. ENGINE: more `DecodeConfig` fields
+# for the D2F strategies (not the baseline), e.g. ENGINE=kv_cache=static,compile=default for
+# the compiled step (docs/decoding.md, "Static KV cache and compiled step").
 
 # Baseline (`vanilla`): the base model without the adapter, LLaDA's own sampler with blocks of 32
 # and one token per step (steps_per_block = block size), under the same generation cap.
@@ -43,7 +45,7 @@ model_args() {
       echo "pretrained=$MODEL,$common,strategy=vanilla,block_size=$VANILLA_BLOCK,steps_per_block=$VANILLA_BLOCK"
       ;;
     *)
-      echo "pretrained=$MODEL,adapter=$ADAPTER,$common,strategy=$strategy,block_size=$block,tau_add=$tau_add,tau_act=$tau_act,tau_conf=$tau_conf"
+      echo "pretrained=$MODEL,adapter=$ADAPTER,$common,strategy=$strategy,block_size=$block,tau_add=$tau_add,tau_act=$tau_act,tau_conf=$tau_conf${ENGINE:+,$ENGINE}"
       ;;
   esac
 }
@@ -111,6 +113,9 @@ eval_main() {
   BATCH_SIZE=${BATCH_SIZE:-1}
   LIMIT=${LIMIT:-}
   PYTHON=${PYTHON:-python}
+  ENGINE=${ENGINE:-}
+  [[ -z "$ENGINE" || "$ENGINE" =~ ^[a-z_]+=[A-Za-z0-9_.-]+(,[a-z_]+=[A-Za-z0-9_.-]+)*$ ]] ||
+    die "ENGINE must be KEY=VALUE pairs separated by commas (DecodeConfig fields), got '$ENGINE'"
   check_request
   local strategy task
   for task in $TASKS; do
@@ -119,6 +124,6 @@ eval_main() {
     done
   done
   if [[ "${DRY_RUN:-0}" != 1 ]]; then
-    "$PYTHON" -m eval.table "$OUTPUT_DIR" --md "$OUTPUT_DIR/table.md" --csv "$OUTPUT_DIR/table.csv"
+    "$PYTHON" -m d2f.lmeval.table "$OUTPUT_DIR" --md "$OUTPUT_DIR/table.md" --csv "$OUTPUT_DIR/table.csv"
   fi
 }

@@ -7,7 +7,7 @@
 #   DRY_RUN=1 bash scripts/eval_llada.sh                    # print the commands, run nothing
 #
 # Overrides: MODEL, ADAPTER, TASKS (from: gsm8k mbpp humaneval minerva_math), STRATEGIES (d2f
-# cache_only vanilla), LIMIT, OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, MATH_SHOTS, PYTHON, DRY_RUN.
+# cache_only vanilla), LIMIT, OUTPUT_DIR, NUM_GPUS, BATCH_SIZE, MATH_SHOTS, ENGINE, PYTHON, DRY_RUN.
 # As the authors' released script: chat template with few-shot as multi-turn for gsm8k, mbpp and
 # minerva_math; HumanEval as a plain completion, stop strings off, pass@1 after our sanitiser
 # (task d2f_humaneval). MATH runs 0-shot as in the released script (Table 8 says 4-shot; which

@@ -259,6 +259,27 @@ def test_generate_until_batches_by_task_and_settings_in_callers_order(lm):
     assert {t: s.samples for t, s in batched.speed.tasks.items()} == {"a": 4, "b": 4}
 
 
+def test_generate_until_with_the_compiled_step_gives_the_same_texts(lm):
+    """The model args `kv_cache=static,compile=eager` (what `ENGINE=` in the eval scripts adds):
+    batched requests through the traced step (fullgraph) give the eager decoder's texts."""
+    from d2f.lmeval.lm import D2FLM
+
+    texts = {}
+    for engine in ({}, {"kv_cache": "static", "compile": "eager"}):
+        model = D2FLM(
+            pretrained=lm.model_args["pretrained"], block_size=4, max_new_tokens=8, **engine
+        )
+        model.batch_size = 2
+        assert model.decode.compile == engine.get("compile", "off")
+        reqs = [
+            Instance("generate_until", {}, (c, {"until": []}), i, ("t", i, 1))
+            for i, c in enumerate(["how many", "how many apples are there", "apples"])
+        ]
+        texts[bool(engine)] = model.generate_until(reqs, disable_tqdm=True)
+    assert texts[True] == texts[False]
+    assert all(texts[False])
+
+
 def test_prompt_gets_exactly_one_bos(lm):
     bos = lm.tokenizer.bos_token_id
     plain = lm._prompt_ids("how many apples ?")

@@ -63,6 +63,7 @@ def table_8() -> list[dict]:
 
 
 OVERRIDES = (
+    "ENGINE",
     "MODEL",
     "ADAPTER",
     "TASKS",
@@ -194,6 +195,49 @@ def test_overrides():
     assert cmd["model_args"]["adapter"] == "/models/lora"
 
 
+def test_engine_goes_to_the_d2f_strategies_only():
+    """ENGINE adds DecodeConfig fields to D2F's model args (valid ones: a DecodeConfig takes
+    them), not to the baseline's."""
+    from d2f.decoding import DecodeConfig
+
+    run = dry_run(
+        "eval_dream.sh",
+        TASKS="gsm8k_cot",
+        STRATEGIES="d2f cache_only vanilla",
+        ENGINE="kv_cache=static,compile=default",
+    )
+    assert run.returncode == 0, run.stderr
+    commands = parse(run.stdout)
+    for strategy in ("d2f", "cache_only"):
+        args = commands[strategy, "gsm8k_cot"]["model_args"]
+        assert (args["kv_cache"], args["compile"]) == ("static", "default")
+        DecodeConfig(
+            strategy=strategy,
+            block_size=int(args["block_size"]),
+            max_new_tokens=int(args["max_new_tokens"]),
+            kv_cache=args["kv_cache"],
+            compile=args["compile"],
+        )
+    assert "kv_cache" not in commands["vanilla", "gsm8k_cot"]["model_args"]
+
+
+def test_every_module_the_scripts_run_exists():
+    """Each `python -m MODULE` in scripts/*.sh (comments included) names an importable module:
+    the results table once ran `-m eval.table` after the package moved to `d2f.lmeval`, which
+    would fail only after a whole evaluation had run."""
+    import importlib.util
+    import re
+
+    pattern = re.compile(r'(?:python|"\$\{?\w+(?::-python\})?")\s+-m\s+([A-Za-z_][\w.]*)')
+    found = {}
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        for module in pattern.findall(script.read_text()):
+            found.setdefault(module, script.name)
+    assert {"d2f.eval", "d2f.lmeval.table", "d2f.train", "pip"} <= set(found)
+    missing = {m: s for m, s in found.items() if importlib.util.find_spec(m) is None}
+    assert not missing, f"scripts run modules that do not exist: {missing}"
+
+
 @pytest.mark.parametrize(
     "env, message",
     [
@@ -201,6 +245,8 @@ def test_overrides():
         ({"TASKS": "gsm8k_cot"}, "unknown task 'gsm8k_cot'"),  # Dream's task, not LLaDA's
         ({"STRATEGIES": "d2f turbo"}, "unknown strategy 'turbo'"),
         ({"ADAPTER": ""}, "needs the D2F adapter"),
+        ({"ENGINE": "compile"}, "ENGINE must be KEY=VALUE pairs"),
+        ({"ENGINE": "kv_cache=static;rm -rf x"}, "ENGINE must be KEY=VALUE pairs"),
     ],
 )
 def test_bad_requests_fail_before_anything_runs(env, message):
