@@ -52,11 +52,11 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
     gen = seeded_generator(cfg, device)
     batch = Batch.create(prompts, G, mask_id, family.pad_token_id, device)
     P, B = batch.prompt_len, len(prompts)
-    compiled_fn = None if cfg.compile == "off" else step_function(cfg.compile)
-    eager_fn = step_function("off")
+    step_fn = step_function(cfg.compile)  # `d2f_step` itself when compile is "off"
+    padded = cfg.compile != "off"  # a compiled step's window is padded to a bucket
     buckets = window_buckets(NB, bs)
     L = P + G
-    Lc = L + (max_padding(buckets, bs) if compiled_fn is not None else 0)  # cache, table columns
+    Lc = L + (max_padding(buckets, bs) if padded else 0)  # cache and table columns
     # The window's mask is a row gather of one table, the block-causal mask with every block
     # existing: the blocks not added yet all follow the window, so it hides them too.
     full_ids = block_ids(batch.valid, torch.full((B,), P, device=device), bs)  # (B, L)
@@ -86,11 +86,9 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
         start, end = cached, P + n_blocks * bs
         new_cached = P + keep_blocks * bs
         a_off = max(start, P) - start  # the window's first answer column (the first step: P)
-        # the compiled step pads the window's answer part to a bucket
-        compiled = compiled_fn is not None
-        stop = start + a_off + bucket(end - start - a_off, buckets) if compiled else end
+        stop = start + a_off + bucket(end - start - a_off, buckets) if padded else end
         rec.called(batch.rows)
-        logits, x, chosen, next_state, sync, finite = (compiled_fn if compiled else eager_fn)(
+        logits, x, chosen, next_state, sync, finite = step_fn(
             model,
             cache,
             batch.x,
@@ -105,7 +103,7 @@ def d2f_decode(model, prompts: list[list[int]], cfg: DecodeConfig, family: Famil
             end_ids,
             family,
             cfg,
-            None if compiled else gen,
+            None if padded else gen,  # compiled: greedy only (`DecodeConfig` checks it)
         )
         rec.count_finite(finite)
         if stop > new_cached:  # keep only the exact part: a pointer move for the static cache
