@@ -163,9 +163,8 @@ def d2f_step(
         cache=cache,
         use_cache=True,
     ).logits
-    finite = torch.isfinite(
-        logits
-    ).all()  # before predict: it writes -inf into the mask id's column
+    # before predict, which writes -inf into the mask id's column
+    finite = torch.isfinite(logits).all()
     # (B, W - a_off, V) over the window's answer columns: column i predicts token i
     preds = family.align_logits(logits, carry)[:, a_off:]
     ans_cols, answer_w = cols[a_off:], ids[:, a_off:]
@@ -173,7 +172,8 @@ def d2f_step(
     state_w = F.pad(state, (0, 1), value=ABSENT)[:, window_blocks]  # (B, W_a // bs)
     x0, conf, score = predict(preds, cfg, mask_id, generator)
     chosen = commit(answer_w, state_w, x0, conf, score, mask_id, cfg)
-    x = xp.index_copy(1, ans_cols, torch.where(chosen, x0, answer_w))[:, :L]  # a new tensor
+    # a new tensor, contiguous: a strided view would be one more guard for the next call
+    x = xp.index_copy(1, ans_cols, torch.where(chosen, x0, answer_w))[:, :L].contiguous()
     next_state, sync = plan(x[:, L - G :], state, end_ids, mask_id, cfg)
     return logits, x, chosen, next_state, sync, finite
 
