@@ -37,6 +37,7 @@ def setup(world: str, n: int, adapter: str | None, variants: list, overrides: di
 
     def count(*args):
         calls.add_(1)  # returns None: a forward hook's return value would replace the output
+
     for variant in variants:
         model, tok = load_model(
             base,
