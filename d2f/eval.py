@@ -40,7 +40,22 @@ def main(argv: list[str] | None = None) -> None:
         args.include_path = [str(tasks_dir()), *given]
     if getattr(args, "model", None) == "d2f" and getattr(args, "output_path", None):
         args.model_args = {"stats_dir": args.output_path, **(args.model_args or {})}
-    cli.execute(args)
+    try:
+        cli.execute(args)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the data-parallel process group down before the interpreter does.
+
+    Left to interpreter exit, a gloo group's threads can be destroyed while still joinable
+    (`terminate called without an active exception`, exit -6 on one rank after all results were
+    written); torch asks for an explicit `destroy_process_group()`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
