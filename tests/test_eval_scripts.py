@@ -9,6 +9,7 @@ sanitising task; the baseline is `vanilla` on the base model, blocks of 32, one 
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,7 +226,6 @@ def test_every_module_the_scripts_run_exists():
     """Each `python -m MODULE` in scripts/*.sh (comments included) names an importable module:
     the results table once ran `-m eval.table` after the package moved to `d2f.lmeval`, which
     would fail only after a whole evaluation had run."""
-    import importlib.util
     import re
 
     pattern = re.compile(r'(?:python|"\$\{?\w+(?::-python\})?")\s+-m\s+([A-Za-z_][\w.]*)')
@@ -234,7 +234,18 @@ def test_every_module_the_scripts_run_exists():
         for module in pattern.findall(script.read_text()):
             found.setdefault(module, script.name)
     assert {"d2f.eval", "d2f.lmeval.table", "d2f.train", "pip"} <= set(found)
-    missing = {m: s for m, s in found.items() if importlib.util.find_spec(m) is None}
+    # NOTE: looked up in a child process: `find_spec("pip")` in this one makes setuptools'
+    # distutils shim stand down for the rest of the run (its `spec_for_pip`), after which
+    # inductor's first C++ build (importing setuptools) fails in whichever test comes next
+    probe = (
+        "import importlib.util, sys; "
+        "print(*(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, *found], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr
+    missing = {m: found[m] for m in run.stdout.split()}
     assert not missing, f"scripts run modules that do not exist: {missing}"
 
 
